@@ -1,0 +1,1 @@
+"""The `lowres` command line: parse, call, print — no logic lives here."""

@@ -1,0 +1,73 @@
+"""Entry point of the `lowres` command.
+
+Each command lives in its own module and is registered here. Typed errors (lowres.errors) become one-line
+messages with their exit code; LOWRES_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from lowres.errors import LowresError
+
+app = typer.Typer(
+    name="lowres",
+    help="Fine-tune small language models on modest hardware — measured and predictable.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# (module under lowres.cli, command name, function name). Imports inside each command are lazy, so
+# `lowres --help` and `lowres hw` never pay for torch or mlflow.
+COMMANDS = [
+    ("hw", "hw", "hw"),
+    ("profile", "profile", "profile"),
+    ("train", "train", "train"),
+    ("train", "eval", "eval_cmd"),
+    ("train", "export", "export"),
+]
+
+for _module, _name, _func in COMMANDS:
+    _mod = importlib.import_module(f"lowres.cli.{_module}")
+    _fn = getattr(_mod, _func)
+    app.command(_name, context_settings=getattr(_fn, "context_settings", None))(_fn)
+
+err_console = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return (and exit with) the command's exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except LowresError as exc:
+        if os.environ.get("LOWRES_DEBUG") == "1":
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and aborts carry their own exit codes
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            err_console.print("aborted")
+            sys.exit(130)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Typed errors whose messages say what was wrong, with which value, and what to do.
+
+The CLI turns each into a one-line message and an exit code (LOWRES_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+
+class LowresError(Exception):
+    """Base of every error lowres raises on purpose. ``exit_code`` follows shell conventions."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if not hint else f"{message} — {hint}")
+
+
+class UsageError(LowresError):
+    """Bad flags or values on the command line (exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config file or override that does not validate; ``problems`` lists every one found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None, *, hint: str | None = None):
+        self.problems = problems or []
+        full = message if not self.problems else message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(full, hint=hint)
+
+
+class DataError(UsageError):
+    """Missing, malformed or empty data (exit 2, before any heavy work)."""
+
+
+class ModelError(UsageError):
+    """A model that cannot be found or loaded as asked (exit 2)."""
+
+
+class UnsupportedError(UsageError):
+    """A combination this machine cannot run (e.g. bf16 on a CPU without it); says the alternative."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that is missing, damaged or from another config."""
+
+
+class CommandNotFound(LowresError):
+    """The command given to ``lowres profile`` does not exist (exit 127)."""
+
+    exit_code = 127
+
+
+class PortInUse(LowresError):
+    """A port that was asked for is already taken."""
+
+    exit_code = 2
