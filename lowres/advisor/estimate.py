@@ -1,0 +1,234 @@
+"""Predict a candidate's peak memory (what the OS or the CUDA driver sees) and step time, loading nothing.
+
+``estimate(spec, hw, candidate)`` adds up the terms of lowres.advisor.memory and lowres.advisor.compute.
+Each term is one cited function there; this module only chooses the device, the dtype and the budget, and
+applies the per-machine ``Calibration`` that probes learn (lowres.advisor.calibrate, later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lowres.advisor import compute as C
+from lowres.advisor import memory as M
+
+DEFAULT_HEADROOM = 0.10
+
+
+class Candidate(BaseModel):
+    """One configuration to estimate: the knobs that change memory or time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    compute: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    quant: Literal["none", "int8", "nf4", "fp4"] = "none"
+    double_quant: bool = True
+    lora_rank: int = Field(8, ge=1)
+    lora_targets: str | tuple[str, ...] = "attention_mlp"
+    batch_size: int = Field(4, ge=1)
+    seq_len: int = Field(256, ge=1)
+    gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = Field(1024, ge=0, description="0 = the whole batch's logits at once")
+    optimizer: str = "adamw"
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _known_targets(cls, v: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        M.resolve_targets(v)  # raises ValueError naming the bad target and the allowed ones
+        return v
+
+    @classmethod
+    def from_run_config(cls, cfg: Any) -> "Candidate":
+        """The candidate a RunConfig describes (lowres.config.RunConfig)."""
+        targets = cfg.lora.targets if isinstance(cfg.lora.targets, str) else tuple(cfg.lora.targets)
+        return cls(compute=cfg.precision.compute, quant=cfg.precision.quant,
+                   double_quant=cfg.precision.double_quant, lora_rank=cfg.lora.rank, lora_targets=targets,
+                   batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length,
+                   gradient_checkpointing=cfg.precision.gradient_checkpointing,
+                   loss_chunk_tokens=cfg.train.loss_chunk_tokens, optimizer=cfg.train.optimizer)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-machine multiplicative corrections learned from probes (measured / predicted); 1.0 = none yet."""
+
+    memory_factor: float = 1.0
+    time_factor: float = 1.0
+    source: str = "uncalibrated"
+
+
+@dataclass
+class Estimate:
+    """A candidate's predicted figures. ``memory`` sums exactly to ``peak_bytes``; None means unknown."""
+
+    candidate: Candidate
+    device: str
+    memory: dict[str, float]
+    peak_bytes: float
+    live_tensor_bytes: float
+    budget_bytes: float | None
+    fits: bool | None
+    headroom: float
+    flops_per_step: float
+    tokens_per_step: int
+    step_time_s: float | None
+    roofline_source: str | None
+    estimate_only: bool
+    calibration: Calibration
+    warnings: list[str] = field(default_factory=list)
+    slow_precision: bool = False  # the compute dtype is emulated on this hardware (e.g. bf16 on AVX2)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return None if not self.step_time_s else self.tokens_per_step / self.step_time_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready figures; unknowns stay None (null)."""
+        return {
+            "candidate": self.candidate.model_dump(mode="json"), "device": self.device,
+            "memory_bytes": {k: round(v) for k, v in self.memory.items()},
+            "peak_bytes": round(self.peak_bytes), "live_tensor_bytes": round(self.live_tensor_bytes),
+            "budget_bytes": None if self.budget_bytes is None else round(self.budget_bytes),
+            "fits": self.fits, "headroom": self.headroom, "flops_per_step": self.flops_per_step,
+            "tokens_per_step": self.tokens_per_step, "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s, "roofline_source": self.roofline_source,
+            "estimate_only": self.estimate_only, "calibration": vars(self.calibration),
+            "warnings": list(self.warnings), "slow_precision": self.slow_precision,
+        }
+
+
+def device_of(hw: Any) -> str:
+    """Where the tensors live: the first GPU when the profile lists one, else the CPU."""
+    return "cuda" if getattr(hw, "gpus", None) else "cpu"
+
+
+def memory_budget_bytes(hw: Any) -> float | None:
+    """Memory a run may use on its device.
+
+    CPU: ``hw.usable_memory_bytes()`` — RAM available at detection (what other programs leave free, not the
+    installed total), capped by what the cgroup limit leaves. CUDA: the first GPU's free memory, else its
+    total.
+    """
+    if device_of(hw) == "cuda":
+        gpu = hw.gpus[0]
+        return float(gpu.memory_free_bytes or gpu.memory_total_bytes)
+    return float(hw.usable_memory_bytes())
+
+
+def _gpu_capability(hw: Any) -> float | None:
+    cc = hw.gpus[0].compute_capability if device_of(hw) == "cuda" else None
+    try:
+        return float(cc) if cc else None
+    except ValueError:
+        return None
+
+
+def resolve_compute(hw: Any, compute: str) -> str:
+    """``auto`` → bf16 where the hardware has fast bf16 (CPU: AVX512_BF16/AMX or ARM BF16, from the ISA
+    flags; GPU: compute capability ≥ 8.0), else fp32. fp16 is never chosen automatically: it needs loss
+    scaling. Other values pass through."""
+    if compute != "auto":
+        return compute
+    if device_of(hw) == "cuda":
+        cc = _gpu_capability(hw)
+        return "bf16" if cc is not None and cc >= 8.0 else "fp32"
+    return "bf16" if hw.cpu.bf16_fast else "fp32"
+
+
+def slow_precision(hw: Any, compute: str) -> bool:
+    """Whether ``compute`` is emulated here: bf16 on a CPU without AVX512_BF16/AMX/ARM BF16 (tens of times
+    slower than fp32, measured in issue 4), fp16 on a CPU without AVX512_FP16/AMX-FP16, or bf16 on a GPU
+    below compute capability 8.0."""
+    if device_of(hw) == "cuda":
+        return compute == "bf16" and (_gpu_capability(hw) or 0.0) < 8.0
+    if compute == "bf16":
+        return not hw.cpu.bf16_fast
+    return compute == "fp16" and not set(hw.cpu.flags) & {"avx512_fp16", "amx_fp16"}
+
+
+def _warnings(hw: Any, cand: Candidate, compute: str, memory: dict[str, float], peak: float) -> list[str]:
+    out = []
+    if slow_precision(hw, compute):
+        where = "GPU (compute capability < 8.0)" if device_of(hw) == "cuda" else "CPU (no native units in its ISA)"
+        out.append(f"{compute} is emulated on this {where}: bf16 on AVX2-only CPUs ran tens of times slower "
+                   "than fp32 (issue 4); use fp32")
+    if device_of(hw) == "cpu" and cand.quant != "none":
+        out.append(f"{cand.quant} on CPU dequantises every weight at each matmul: it costs time; measure it")
+    weights = sum(v for k, v in memory.items() if k.startswith("weights."))
+    if cand.quant != "none" and memory["weights.embeddings"] > memory["weights.linear"]:
+        out.append(f"quantization shrinks only the block linears; embeddings/lm_head (unquantized) are larger "
+                   f"here, and all weights are {weights / peak:.0%} of the peak")
+    return out
+
+
+def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
+             calibration: Calibration | None = None, headroom: float = DEFAULT_HEADROOM) -> Estimate:
+    """Predict peak memory (broken down) and step time of ``candidate`` for model ``spec`` on ``hw``.
+
+    peak = calibration.memory_factor · (runtime baseline + allocator_factor · live tensors), where live
+    tensors = weights + dequant scratch + LoRA params/grads/AdamW states + activations + logits (each from
+    lowres.advisor.memory); the breakdown lists the allocator and calibration terms so that it sums to the
+    peak. step time = calibration.time_factor · (FLOPs/peak FLOP/s + dequant bytes/bandwidth), on
+    ``roofline`` if given, else ``hw.roofline``; unknown (None) when neither gives the needed figures.
+    """
+    cal = calibration or Calibration()
+    device = device_of(hw)
+    compute = resolve_compute(hw, candidate.compute)
+    cand = candidate.model_copy(update={"compute": compute})
+    e = M.DTYPE_BYTES[compute]
+    targets = M.resolve_targets(cand.lora_targets)
+    lora_n = M.lora_parameter_count(spec, cand.lora_rank, targets)
+
+    memory: dict[str, float] = {}
+    memory.update(M.weight_bytes(spec, e, cand.quant, cand.double_quant))
+    memory["dequant_scratch"] = M.dequant_scratch_bytes(spec, e, cand.quant)
+    memory.update(M.lora_state_bytes(lora_n, cand.optimizer))
+    memory["activations"] = M.activation_bytes(spec, e, cand.lora_rank, targets, cand.batch_size, cand.seq_len,
+                                               cand.gradient_checkpointing)
+    memory["logits"] = M.logits_bytes(spec, e, cand.batch_size, cand.seq_len, cand.loss_chunk_tokens)
+    live = sum(memory.values())
+    memory["allocator"] = (M.ALLOCATOR_FACTOR[device] - 1.0) * live
+    memory["runtime"] = float(M.RUNTIME_BASELINE_BYTES[device])
+    memory["calibration"] = (cal.memory_factor - 1.0) * sum(memory.values())
+    peak = sum(memory.values())
+
+    budget = memory_budget_bytes(hw)
+    fits = None if budget is None else peak <= budget * (1.0 - headroom)
+
+    tokens = cand.batch_size * cand.seq_len
+    flops = tokens * C.lora_flops_per_token(spec, cand.seq_len, lora_n, cand.gradient_checkpointing)
+    rl = roofline if roofline is not None else getattr(hw, "roofline", None)
+    dq = C.dequant_bytes_per_step(spec, e, cand.quant, cand.double_quant, cand.gradient_checkpointing)
+    seconds = C.step_seconds(flops, dq, rl, compute)
+    step = None if seconds is None else seconds * cal.time_factor
+
+    warnings = _warnings(hw, cand, compute, memory, peak)
+    if step is None:
+        need = f"{compute} FLOP/s" + (" and memory bandwidth" if dq else "")
+        warnings.append(f"step time unknown: no roofline with {need} for this machine (a measured roofline "
+                        "or a profile that lists one gives it)")
+    return Estimate(candidate=cand, device=device, memory=memory, peak_bytes=peak, live_tensor_bytes=live,
+                    budget_bytes=budget, fits=fits, headroom=headroom, flops_per_step=flops,
+                    tokens_per_step=tokens, step_time_s=step,
+                    roofline_source=getattr(rl, "source", None) if rl is not None else None,
+                    estimate_only=bool(getattr(hw, "is_estimate_only", False)), calibration=cal,
+                    warnings=warnings, slow_precision=slow_precision(hw, compute))
+
+
+def largest_fitting_batch(spec: Any, hw: Any, candidate: Candidate, *, max_batch: int = 4096,
+                          **kwargs: Any) -> int:
+    """The largest batch size ≤ ``max_batch`` whose estimate fits with headroom; 0 if not even 1 fits.
+    Peak memory never decreases with the batch size, so a binary search suffices."""
+    def fits(b: int) -> bool:
+        return bool(estimate(spec, hw, candidate.model_copy(update={"batch_size": b}), **kwargs).fits)
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, max_batch
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
