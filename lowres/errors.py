@@ -1,5 +1,8 @@
 """Typed errors whose messages say what was wrong, with which value, and what to do.
 
+A port that is taken raises ``profiler.sinks.PortInUse`` (the profiler never imports lowres); the CLI maps it to
+exit 2 like the errors here.
+
 The CLI turns each into a one-line message and an exit code (LOWRES_DEBUG=1 shows the traceback).
 """
 
@@ -53,8 +56,3 @@ class CommandNotFound(LowresError):
 
     exit_code = 127
 
-
-class PortInUse(LowresError):
-    """A port that was asked for is already taken."""
-
-    exit_code = 2
