@@ -56,7 +56,7 @@ class LoraConfig(_Section):
 
 class DataConfig(_Section):
     path: str | None = Field(None, description="local .jsonl/.json/.csv/.txt file or folder; or hf:<dataset>")
-    sample: str | None = Field("tiny_shakespeare", description="a sample dataset shipped with lowres, used "
+    sample: str | None = Field("hdfs_logs", description="a sample dataset shipped with lowres, used "
                                "when no path is given")
     format: Literal["auto", "text", "instruct"] = "auto"
     text_field: str = "text"
