@@ -1,0 +1,157 @@
+"""`lowres profile [options] -- CMD ARGS…`: run any command under the profiler, following its whole process
+tree; print a summary table at the end and exit with the command's own exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from lowres.errors import CommandNotFound, UsageError
+
+MAX_INTERVAL_S = 3600.0
+
+
+def _check_interval(interval: float) -> None:
+    if not (0 < interval <= MAX_INTERVAL_S):
+        raise UsageError(f"--interval must be more than 0 and at most {MAX_INTERVAL_S:.0f} seconds, got {interval}",
+                         hint="e.g. --interval 0.1 samples at 10 Hz")
+
+
+def _mlflow_run(cmd: list[str]):
+    """A new MLflow run (experiment ``lowres-profile``) for this command, with lowres' standard tags."""
+    from lowres.tracking.runs import start_run
+
+    return start_run("lowres-profile", run_name=Path(cmd[0]).name, tags={"lowres.command": " ".join(cmd)[:5000]})
+
+
+def _sink_specs(jsonl: Optional[Path], prometheus_port: Optional[int], pushgateway: Optional[str],
+                mlflow_run, run: str) -> list[dict]:
+    specs: list[dict] = []
+    if jsonl is not None:
+        specs.append({"kind": "jsonl", "path": str(jsonl)})
+    if prometheus_port is not None:
+        if not 0 <= prometheus_port <= 65535:
+            raise UsageError(f"--prometheus-port must be 0..65535 (0 = any free port), got {prometheus_port}")
+        specs.append({"kind": "prometheus", "port": prometheus_port, "addr": "127.0.0.1"})
+    if pushgateway is not None:
+        specs.append({"kind": "pushgateway", "url": pushgateway, "job": "lowres", "grouping": {"run": run}})
+    if mlflow_run is not None:
+        specs.append({"kind": "mlflow", "tracking_uri": mlflow_run.tracking_uri, "run_id": mlflow_run.run_id,
+                      "interval_s": 10})
+    return specs
+
+
+def _check_command(cmd: list[str]) -> None:
+    """Fail before anything starts (a sink, an MLflow run) when there is no command to run."""
+    if not cmd:
+        raise UsageError("no command given", hint="usage: lowres profile [options] -- CMD ARGS…")
+    if os.sep not in cmd[0] and shutil.which(cmd[0]) is None:
+        raise CommandNotFound(f"command not found: {cmd[0]!r}", hint="check the spelling and your PATH")
+
+
+def _own_hwm() -> int:
+    """This process's VmHWM in bytes (0 where unknown)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            text = f.read()
+        return int(text[text.index(b"VmHWM:") + 6 :].split()[0]) * 1024
+    except (OSError, ValueError):
+        return 0
+
+
+def _spawn(cmd: list[str]) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(cmd)
+    except FileNotFoundError:
+        raise CommandNotFound(f"command not found: {cmd[0]!r}", hint="check the spelling and your PATH") from None
+    except PermissionError:
+        raise CommandNotFound(f"{cmd[0]!r} is not executable", hint=f"chmod +x {cmd[0]}") from None
+
+
+def _wait(child: subprocess.Popen, spawner_hwm: int) -> tuple[int, float, int]:
+    """Reap the child with wait4: its exit code (128+N when killed by signal N, as shells report), and the
+    kernel's exact CPU seconds and peak RSS for it and the descendants it waited for.
+
+    The kernel keeps the high-water mark of the memory image a process had before exec — with vfork, ours —
+    so ru_maxrss is the child's own peak only where it exceeds ``spawner_hwm``; otherwise 0 (unknown, and
+    the sampled high-water marks stand)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child; we report after
+    forward = signal.signal(signal.SIGTERM, lambda sig, frame: child.send_signal(sig))
+    try:
+        _, status, ru = os.wait4(child.pid, 0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, forward)
+    code = os.waitstatus_to_exitcode(status)
+    child.returncode = code  # Popen must not try to reap it again
+    maxrss = ru.ru_maxrss * 1024
+    return (128 - code if code < 0 else code), ru.ru_utime + ru.ru_stime, maxrss if maxrss > spawner_hwm else 0
+
+
+def profile(
+    ctx: typer.Context,
+    interval: float = typer.Option(1.0, "--interval", help="seconds between samples (0.1 = 10 Hz)"),
+    jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="append every sample to this JSONL file"),
+    prometheus_port: Optional[int] = typer.Option(None, "--prometheus-port",
+                                                  help="serve /metrics on 127.0.0.1:PORT (0 = a free port)"),
+    pushgateway: Optional[str] = typer.Option(None, "--pushgateway", help="push to a Pushgateway at HOST:PORT"),
+    mlflow: bool = typer.Option(False, "--mlflow/--no-mlflow", help="log system metrics to an MLflow run"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
+) -> None:
+    """Run CMD under the profiler (its whole process tree) and print what it cost the machine."""
+    from profiler import Profiler
+
+    _check_interval(interval)
+    run = uuid.uuid4().hex[:8]
+    cmd = list(ctx.args)
+    err = Console(stderr=True)
+    _check_command(cmd)
+    mlflow_run = _mlflow_run(cmd) if mlflow else None
+    specs = _sink_specs(jsonl, prometheus_port, pushgateway, mlflow_run, run)
+    spawner_hwm = _own_hwm()
+    child = _spawn(cmd)
+    # Thread mode: this process only waits, so a sampler thread has the GIL to itself.
+    prof = Profiler(interval=interval, sinks=specs, mode="thread", pid=child.pid, labels={"run": run})
+    try:
+        prof.start()
+    except BaseException as exc:
+        child.kill()
+        child.wait()
+        if type(exc).__name__ == "PortInUse" and isinstance(exc, OSError):  # profiler.sinks.PortInUse
+            raise UsageError(f"--prometheus-port {prometheus_port} is already in use",
+                            hint="pick another port, or 0 for any free one") from None
+        raise
+    for info in prof.sinks_info:
+        if info.get("url"):
+            err.print(f"[dim]profiler: {info.get('kind', 'sink')} at {info['url']}[/]", highlight=False)
+    code = 1
+    try:
+        code, cpu_s, maxrss = _wait(child, spawner_hwm)
+        prof.account_exit(child.pid, cpu_s, maxrss)
+    finally:
+        summary = prof.stop()
+        if mlflow_run is not None:
+            from lowres.tracking.runs import end_run
+
+            end_run(mlflow_run.run_id, "FINISHED" if code == 0 else "FAILED", mlflow_run.tracking_uri)
+    if as_json:
+        print(json.dumps({"command": cmd, "exit_code": code, **summary.to_dict()}))
+    else:
+        err.print(summary.table())
+        if summary.unavailable:
+            err.print("[dim]not sampled: " + "; ".join(f"{k} ({v})" for k, v in summary.unavailable.items()) + "[/]",
+                      highlight=False)
+    sys.exit(code)
+
+
+profile.context_settings = {"allow_extra_args": True, "ignore_unknown_options": True}
