@@ -163,6 +163,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} names no field")
+    # YAML 1.1 reads on/off/yes/no as booleans; on the command line they are the words
+    # (e.g. --set tracking.profiler_mode=off), so keep them as strings. Fields typed bool still accept them.
+    if raw.strip().lower() in {"on", "off", "yes", "no", "y", "n"}:
+        return key, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

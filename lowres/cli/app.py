@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from lowres.errors import LowresError
+from profiler.sinks import PortInUse
 
 app = typer.Typer(
     name="lowres",
@@ -27,6 +28,7 @@ app = typer.Typer(
 # `lowres --help` and `lowres hw` never pay for torch or mlflow.
 COMMANDS = [
     ("hw", "hw", "hw"),
+    ("advise", "advise", "advise"),
     ("profile", "profile", "profile"),
     ("train", "train", "train"),
     ("train", "eval", "eval_cmd"),
@@ -44,13 +46,17 @@ err_console = Console(stderr=True)
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return (and exit with) the command's exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        # In non-standalone mode click returns the code of `typer.Exit(code)` instead of raising it.
+        result = app(args=argv, standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+        if code:
+            sys.exit(code)
         return 0
-    except LowresError as exc:
+    except (LowresError, PortInUse) as exc:
         if os.environ.get("LOWRES_DEBUG") == "1":
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        sys.exit(getattr(exc, "exit_code", 2))
     except SystemExit:
         raise
     except typer.Exit as exc:

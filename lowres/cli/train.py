@@ -1,0 +1,138 @@
+"""`lowres train`, `lowres eval`, `lowres export`: parse, call the recipe, print. No logic here.
+
+Every RunConfig field is reachable: the common ones have flags, ``--set section.field=value`` reaches all
+(``lowres train --help`` lists the sections). Precedence: flags and --set, then LOWRES_<SECTION>__<FIELD>
+environment variables, then the YAML file, then defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+GIB = 1024**3
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="A.B=C",
+                                                  help="Override any config field (repeatable); fields below.")]
+
+
+def _flags_to_overrides(**flags) -> list[str]:
+    """Common flags → ``section.field=value`` overrides, in the same syntax --set takes."""
+    fields = {"model": "model.name", "data": "data.path", "steps": "train.max_steps",
+              "batch_size": "train.batch_size", "rank": "lora.rank", "quant": "precision.quant",
+              "precision": "precision.compute", "output_dir": "output_dir", "seq_len": "data.max_length",
+              "lr": "train.lr", "grad_accum": "train.grad_accum", "checkpoint_every": "checkpoint.every"}
+    out = []
+    for name, value in flags.items():
+        if value is not None:
+            # JSON-quote strings so YAML parsing keeps them strings ("off", "no", "1e-4" stay as given)
+            out.append(f"{fields[name]}={json.dumps(value) if isinstance(value, str) else value}")
+    return out
+
+
+def train(
+    config: Annotated[Path | None, typer.Argument(metavar="[CONFIG.yaml]", help="Run config (configs/runs/*.yaml).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Preset, hub id or local path.")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Data file or folder (.jsonl/.json/.csv/.txt) or hf:<name>.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (train.max_steps).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Sequences per micro-batch.")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence (data.max_length).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", "-r", help="LoRA rank.")] = None,
+    quant: Annotated[str | None, typer.Option("--quant", help="none, int8, nf4 or fp4.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="Compute dtype: auto, fp32, bf16, fp16.")] = None,
+    output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="Checkpoints, adapter, profile.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the output dir.")] = False,
+    overrides: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Fine-tune a model with LoRA/QLoRA: profiled, tracked in MLflow, checkpointed, resumable.
+
+    Fields for --set (e.g. --set train.lr=1e-4 --set lora.targets=all_linear):
+
+    output_dir · model: name revision weights trust_remote_code ·
+    precision: compute weights quant double_quant gradient_checkpointing ·
+    lora: rank alpha dropout targets rslora ·
+    data: path sample format text_field prompt_field response_field max_length packing eval_fraction
+    max_examples tokenizer_vocab ·
+    train: max_steps batch_size grad_accum lr warmup_steps min_lr_ratio weight_decay max_grad_norm optimizer
+    loss_chunk_tokens threads seed eval_every eval_batches warmup_ignore_steps ·
+    checkpoint: every keep ·
+    tracking: mlflow mlflow_uri experiment run_name prometheus_port pushgateway jsonl profiler_interval
+    profiler_mode
+    """
+    from lowres.config import load_config
+    from lowres.train.recipe import run
+
+    flags = _flags_to_overrides(model=model, data=data, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                                seq_len=seq_len, lr=lr, rank=rank, quant=quant, precision=precision,
+                                output_dir=output_dir, checkpoint_every=checkpoint_every)
+    cfg = load_config(config, flags + list(overrides or []))
+    console = Console(stderr=True)
+    result = run(cfg, resume=resume, console=console, progress=not quiet)
+    if json_output:
+        d = {k: v for k, v in result.__dict__.items() if k not in ("history", "profile")}
+        sys.stdout.write(json.dumps(d, default=str, indent=2) + "\n")
+    else:
+        _print_result(Console(), result)
+    if result.stopped_by in ("SIGTERM", "SIGINT"):
+        raise typer.Exit(143 if result.stopped_by == "SIGTERM" else 130)
+
+
+def _print_result(console: Console, r) -> None:
+    fmt = lambda x, f: "unknown" if x is None else format(x, f)  # noqa: E731
+    console.print(f"[bold]step {r.step}[/] ({r.stopped_by}) · loss {fmt(r.loss, '.4f')}"
+                  + (f" · eval loss {r.eval['loss']:.4f}, perplexity {r.eval['perplexity']:.2f}" if r.eval else ""),
+                  highlight=False)
+    console.print(f"throughput {fmt(r.tokens_per_s, ',.0f')} tokens/s · step {fmt(r.step_seconds, '.3f')} s · "
+                  f"peak RSS {r.peak_rss_bytes / GIB:.2f} GiB (means leave out the first warm-up steps)",
+                  highlight=False)
+    console.print(f"MFU {fmt(r.mfu, '.1%')} = {fmt(r.tokens_per_s, ',.0f')} tokens/s × "
+                  f"{r.flops_per_token / 1e6:,.1f} MFLOP/token ÷ {fmt((r.peak_flops_per_s or 0) / 1e9, ',.0f')} GFLOP/s "
+                  f"(roofline of this model's GEMMs in {r.info.get('dtype')} on this machine, "
+                  f"{r.info.get('threads')} threads, {r.info.get('roofline_source')})", highlight=False)
+    where = f"adapter in {r.output_dir}/adapter" if r.stopped_by == "max_steps" else f"checkpoint {r.checkpoint}"
+    console.print(f"{where}" + (f" · MLflow run {r.run_id}" if r.run_id else ""), highlight=False)
+
+
+train.context_settings = {"help_option_names": ["-h", "--help"]}
+
+
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Output dir of a finished `lowres train` run.")],
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Evaluate on all of this data instead of the run's eval split.")] = None,
+    batches: Annotated[int | None, typer.Option("--batches", help="At most this many batches (default: all).")] = None,
+    overrides: SetOpt = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Loss and perplexity of a trained adapter on a dataset."""
+    from lowres.train.evaluation import find_run
+    from lowres.train.tools import evaluate_run
+
+    result = evaluate_run(find_run(run_dir), data, batches, list(overrides or []))
+    if json_output:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        Console().print(f"eval loss {result['loss']:.4f} · perplexity {result['perplexity']:.2f} · "
+                        f"{result['tokens']} tokens in {result['batches']} batches ({result['data']})", highlight=False)
+
+
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Output dir of a finished `lowres train` run.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")] = Path("export"),
+    merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Merge LoRA into the base weights (a plain model).")] = False,
+) -> None:
+    """Write the adapter (or, with --merge, a merged model in safetensors) plus the tokenizer to a folder."""
+    from lowres.train.evaluation import find_run
+    from lowres.train.tools import export_run
+
+    files = export_run(find_run(run_dir), out, merge)
+    Console().print(f"wrote {'merged model' if merge else 'adapter'} to {out}: {', '.join(files)}", highlight=False)

@@ -1,0 +1,129 @@
+"""Memory-lean LM head + cross-entropy: the full fp32 logits never exist at once.
+
+For a small model with a big vocabulary the logits are the largest tensor of a step: 4·V bytes per token in
+fp32 (0.2 MB for V = 49 152), plus as much again for their gradient, plus softmax buffers, about 0.75 MB per
+token in all. ``chunked_lm_loss`` walks the tokens in chunks of ``chunk_tokens``: per chunk it computes the
+logits, the loss and, at once, the chunk's gradients with respect to the hidden states (and the head weight,
+when it trains), then drops the logits. Backward only scales the stored gradients by the incoming one: no
+recompute, the same FLOPs as the plain head (2·T·h·V forward, 2·T·h·V for the input gradient). The extra
+memory is one T×h gradient buffer, about h/V of what the logits took. This is the "fused linear
+cross-entropy" of Liger-Kernel (Hsu et al. 2024), written in plain torch.
+
+The loss is the *sum* over label tokens (ignore index -100): the caller divides by the number of label
+tokens in the whole optimizer step, so gradient accumulation weights every token equally, as one big batch
+would (HF's ``num_items_in_batch``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels for next-token prediction: position t predicts token t+1; the last position has no target."""
+    pad = torch.full_like(labels[..., :1], IGNORE_INDEX)
+    return torch.cat([labels[..., 1:], pad], dim=-1)
+
+
+def plain_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: full logits in fp32, then summed cross-entropy. ``labels`` are already shifted."""
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes loss and gradients chunk by chunk; backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens):
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        y = labels.reshape(-1)
+        want_w = weight.requires_grad
+        want_b = bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(h2) if hidden.requires_grad else None
+        # Weight gradients accumulate in fp32: many chunks add up, and bf16 sums lose bits.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, h2.shape[0], chunk_tokens):
+            hc, yc = h2[start:start + chunk_tokens].to(weight.dtype), y[start:start + chunk_tokens]
+            keep = yc != IGNORE_INDEX
+            if not bool(keep.any()):
+                continue  # no targets here: zero loss, zero gradient
+            logits = F.linear(hc, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_y = yc.clamp_min(0)
+            target = logits.gather(1, safe_y[:, None]).squeeze(1)
+            total += ((lse - target) * keep).sum()
+            # d(sum CE)/d logits = softmax − onehot on kept rows, 0 on ignored ones; reuse the logits buffer.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(probs.shape[0], device=probs.device), safe_y] -= 1.0
+            probs.mul_(keep[:, None])
+            g = probs.to(hc.dtype)
+            if grad_h is not None:
+                grad_h[start:start + chunk_tokens] = (g @ weight).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(probs.t(), hc.float())
+            if grad_b is not None:
+                grad_b += probs.sum(0)
+            del logits, probs, g
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.shape = hidden.shape
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gh = None if grad_h is None else (grad_h * grad_out.to(grad_h.dtype)).reshape(ctx.shape)
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[0])
+        gb = None if grad_b is None else (grad_b * grad_out).to(ctx.dtypes[1])
+        return gh, gw, gb, None, None
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    bias: torch.Tensor | None = None, chunk_tokens: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against shifted ``labels``, in token chunks.
+
+    ``hidden`` [..., h] in the compute dtype, ``weight`` [V, h], ``labels`` [...] with -100 for no target.
+    ``chunk_tokens <= 0`` falls back to the plain head (full logits). The result equals ``plain_lm_loss``
+    and so do its gradients, up to float summation order.
+    """
+    if chunk_tokens <= 0:
+        return plain_lm_loss(hidden, weight, labels, bias)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, int(chunk_tokens))
+
+
+def _head_and_decoder(model):
+    """The decoder stack and a plain output head of a (peft-wrapped) causal LM, or None for the head when
+    it is anything but an ``nn.Linear`` (a LoRA-wrapped or quantized head): then the model's own forward
+    computes the logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if decoder is None or type(head) is not torch.nn.Linear:
+        return None, None
+    return decoder, head
+
+
+def causal_lm_loss(model, batch: dict, chunk_tokens: int) -> tuple[torch.Tensor, int]:
+    """(summed next-token loss, number of label tokens) of one batch through a causal LM.
+
+    The decoder runs as usual; the LM head and cross-entropy run through ``chunked_lm_loss`` so the
+    logits of the whole batch never exist at once. Labels are unshifted (HF convention); shifted here.
+    """
+    labels = shift_labels(batch["labels"])
+    n_tokens = int((labels != IGNORE_INDEX).sum())
+    decoder, head = _head_and_decoder(model)
+    if decoder is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, n_tokens
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+    return chunked_lm_loss(hidden, head.weight, labels, head.bias, chunk_tokens), n_tokens

@@ -1,0 +1,160 @@
+"""Model FLOP utilisation: FLOPs a step needs, over a roofline measured on this machine.
+
+MFU = (model FLOPs per token × tokens per second) / peak FLOP/s (Chowdhery et al. 2022, PaLM, App. B;
+nanoGPT's ``estimate_mfu``). Two choices make it honest here:
+
+* the numerator counts the FLOPs the *model* needs, not what we spend: a gradient-checkpointing recompute
+  and the chunked loss's work are left out, so turning those on can only lower MFU, never flatter it;
+* the denominator is not a datasheet figure but the best FLOP/s this machine reached, with the threads the
+  run uses, on GEMMs of this model's own shapes in the compute dtype. It is measured once and cached in
+  ``~/.cache/lowres/roofline.json`` (``$LOWRES_CACHE_DIR`` overrides), keyed by hardware fingerprint, dtype,
+  threads and shapes. An MFU of 0.6 therefore means: the step ran at 60 % of the speed of this model's own
+  matrix multiplications done back to back on this machine; the rest is elementwise work, attention's small
+  matmuls, Python and framework overhead, and dequantisation of a 4-bit base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train_flops_per_token(spec: Any, seq_len: int, lora_params: int) -> float:
+    """Model FLOPs of one LoRA training step, per token.
+
+    One formula serves the advisor and MFU: ``lowres.advisor.compute.lora_flops_per_token`` (sources in its
+    docstring: Kaplan et al. 2020 for 2N per weight forward; PaLM App. B for attention). What it counts:
+    forward 2 per weight of every block linear and of the lm_head, plus attention scores and weighted sum
+    4·L·s·d_attn (no causal halving), plus 2 per LoRA weight; backward 2 per frozen weight (input gradient
+    only: frozen weights get no weight gradient), twice attention's forward, and 4 per LoRA weight.
+    The embedding lookup, norms, activations and softmax are not counted (they are not matmuls). Called with
+    ``gradient_checkpointing=False`` on purpose: a recompute is hardware FLOPs, not model FLOPs.
+    """
+    from lowres.advisor.compute import lora_flops_per_token
+
+    return lora_flops_per_token(spec, seq_len, lora_params, gradient_checkpointing=False)
+
+
+def gemm_shapes(spec: Any, tokens: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the forward GEMMs of one micro-batch: each distinct block projection and the lm_head."""
+    from lowres.advisor.memory import linear_shapes
+
+    shapes = {(tokens, k, n) for k, n in linear_shapes(spec).values()}
+    shapes.add((tokens, spec.hidden_size, spec.vocab_size))
+    return sorted(shapes)
+
+
+@dataclass
+class RooflineResult:
+    """The peak FLOP/s measured for one key, and where the figure came from ("measured" or "cache")."""
+
+    flops_per_s: float
+    dtype: str
+    threads: int
+    shapes: list[tuple[int, int, int]]
+    source: str
+    measured_at: float
+
+
+def cache_path() -> Path:
+    """``$LOWRES_CACHE_DIR/roofline.json``, else ``~/.cache/lowres/roofline.json``."""
+    root = os.environ.get("LOWRES_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowres")
+    return Path(root) / "roofline.json"
+
+
+def _cache_key(fingerprint: str, dtype: str, threads: int, shapes: list[tuple[int, int, int]]) -> str:
+    return f"{fingerprint}|{dtype}|t{threads}|" + ",".join("x".join(map(str, s)) for s in shapes)
+
+
+def measure_gemm_flops(shapes: list[tuple[int, int, int]], dtype: str, device: str = "cpu",
+                       budget_s: float = 3.0) -> float:
+    """Best FLOP/s over ``shapes`` (2·M·K·N per GEMM), each run warm then timed for a share of ``budget_s``.
+
+    The best of several repeats, not the mean: on a shared machine the fastest run is the one least
+    disturbed, and a peak is what a roofline is.
+    """
+    dt = DTYPES[dtype]
+    best = 0.0
+    per_shape = budget_s / max(1, len(shapes))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=g).to(device=device, dtype=dt)
+        b = torch.randn(k, n, generator=g).to(device=device, dtype=dt)
+        torch.matmul(a, b)  # warm-up: packing buffers, thread pool, kernel selection
+        _sync(device)
+        deadline = time.perf_counter() + per_shape
+        runs = 0
+        while runs < 3 or time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            _sync(device)
+            dt_s = time.perf_counter() - t0
+            best = max(best, 2.0 * m * k * n / dt_s)
+            runs += 1
+            if runs >= 50:
+                break
+        del a, b
+    return best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def roofline(spec: Any, dtype: str, tokens: int, *, fingerprint: str | None = None, device: str = "cpu",
+             path: Path | None = None, budget_s: float = 3.0) -> RooflineResult:
+    """The peak FLOP/s for this model's GEMM shapes in ``dtype`` on this machine: cached, else measured.
+
+    ``tokens`` (the micro-batch's tokens, capped at 2048) sets M. Threads are torch's current setting, so
+    call it after ``torch.set_num_threads``.
+    """
+    if fingerprint is None:
+        from lowres.hardware.detection import this_machine_fingerprint
+
+        fingerprint = this_machine_fingerprint()
+    threads = torch.get_num_threads()
+    shapes = gemm_shapes(spec, min(max(1, tokens), 2048))
+    key = _cache_key(f"{fingerprint}:{device}", dtype, threads, shapes)
+    path = path or cache_path()
+    cache = _read_cache(path)
+    if key in cache:
+        hit = dict(cache[key], source="cache")
+        hit["shapes"] = [tuple(s) for s in hit["shapes"]]
+        return RooflineResult(**hit)
+    result = RooflineResult(flops_per_s=measure_gemm_flops(shapes, dtype, device, budget_s), dtype=dtype,
+                            threads=threads, shapes=shapes, source="measured", measured_at=time.time())
+    cache[key] = asdict(result)
+    _write_cache(path, cache)
+    return result
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no cache yet, or a damaged one: measure again and overwrite it
+
+
+def _write_cache(path: Path, cache: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    os.replace(tmp, path)  # atomic: two runs measuring at once never leave half a file
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) -> float:
+    """Achieved model FLOP/s over the peak (a ratio; 1.0 = every cycle did model matmul work)."""
+    if peak_flops_per_s <= 0:
+        return float("nan")
+    return tokens_per_s * flops_per_token / peak_flops_per_s

@@ -1,0 +1,373 @@
+"""The LoRA/QLoRA fine-tuning recipe: setup → train → cleanup, to be read top to bottom.
+
+One recipe serves `lowres train`, the advisor's probes and each federated client:
+
+    result = run(cfg)                                   # the whole run, as `lowres train` does it
+    recipe = Recipe(cfg, progress=False)                # or a few steps in-process:
+    recipe.setup(); result = recipe.train(steps=5); recipe.cleanup()
+
+Everything a user can get wrong (config, checkpoint, model id, sequence length, precision, data) is checked
+in ``setup`` before the model loads. The loop only marks phase boundaries and hands figures off: MLflow
+writes happen on a thread (metrics_log), sampling in the profiler's own process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowres.config import RunConfig
+from lowres.train import checkpoint as ckpt
+from lowres.train.evaluation import autocast_context, evaluate
+from lowres.train.loss import IGNORE_INDEX, causal_lm_loss, shift_labels
+from lowres.train.mfu import mfu, roofline, train_flops_per_token
+from lowres.train.optim import build_optimizer, build_scheduler, check_optimizer
+from lowres.train.progress import TrainProgress, stop_on_signals
+from lowres.train.timing import PHASES, PhaseTimer
+
+@dataclass
+class TrainResult:
+    """What a run (or a slice of one) did. Means leave out the first ``warmup_ignore_steps`` steps."""
+
+    run_id: str | None
+    step: int
+    stopped_by: str  # "max_steps", "steps" (asked for fewer), "SIGTERM", "SIGINT"
+    loss: float | None
+    eval: dict | None
+    tokens_per_s: float | None
+    step_seconds: float | None
+    mfu: float | None
+    flops_per_token: float
+    peak_flops_per_s: float | None
+    peak_rss_bytes: int
+    output_dir: str
+    checkpoint: str | None
+    history: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    profile: dict | None = None
+
+
+class Recipe:
+    """A LoRA fine-tune of one RunConfig; see the module docstring for the two ways to drive it."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
+                 device: str | None = None):
+        from rich.console import Console
+
+        self.cfg, self.resume = cfg, resume
+        self.console = console or Console(stderr=True)
+        self.show_progress = progress
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.out = Path(cfg.output_dir)
+        self.step, self.history, self.run_id = 0, [], None
+        self.prof = self.logger = None
+        self._last_checkpoint: Path | None = None
+        self._eval: dict | None = None
+
+    # ------------------------------------------------------------------ setup: checks first, then loading
+    def setup(self) -> "Recipe":
+        """Check every input, then load data, model, optimizer, state, tracking and profiler."""
+        from lowres.data import BatchIterator, build_data, read_records
+        from lowres.hardware import detect, usable_cpus
+        from lowres.models import check_max_length, load_model, locate_weights, resolve_precision
+
+        cfg = self.cfg
+        _seed_everything(cfg.train.seed)  # LoRA's own init draws from the global RNG
+        # Threads: the CPUs this process may actually use (cgroup quota, affinity), not os.cpu_count().
+        torch.set_num_threads(cfg.train.threads or usable_cpus())
+        self.config_hash = cfg.config_hash()
+        resume_from = self._find_checkpoint()  # CheckpointError (another config) before any work
+        self.loc = locate_weights(cfg.model)  # ModelError: unknown model offline
+        check_max_length(self.loc.spec, cfg.data.max_length)  # ConfigError: longer than the model's positions
+        self.hw = detect(probe_bnb=cfg.precision.quant != "none")
+        self.precision = resolve_precision(cfg.precision, self.hw, self.device)  # UnsupportedError
+        check_optimizer(cfg.train, self.device)  # UnsupportedError: a paged optimizer without CUDA
+        records = read_records(cfg.data)  # DataError: missing, malformed (with line), empty
+        self.tokenizer, tokenizer_source = self._tokenizer(records, resume_from)
+        self.data = build_data(cfg.data, self.tokenizer, cfg.train.seed, records=records)
+
+        self.model, info = load_model(self.loc, self.precision, cfg.lora, cfg.precision.gradient_checkpointing,
+                                      device=self.device, seed=cfg.train.seed)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.train, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.batches = BatchIterator(self.data.train, cfg.train.batch_size, cfg.train.seed)
+        self.info = {**info, "tokenizer": tokenizer_source, "data": self.data.stats, "device": self.device,
+                     "threads": torch.get_num_threads(), "precision_reasons": self.precision.reasons}
+        run_id = None
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
+            self.batches.load_state_dict(state["data"])
+            self.step, run_id = state["step"], state.get("run_id")
+            self._last_checkpoint = resume_from
+            self.console.print(f"resuming from {resume_from} (step {self.step})", highlight=False)
+
+        # MFU: model FLOPs per token (one cited formula) over this machine's roofline for these shapes.
+        self.flops_per_token = train_flops_per_token(self.loc.spec, cfg.data.max_length, info["params_trainable"])
+        tokens = cfg.train.batch_size * cfg.data.max_length
+        self.roofline = roofline(self.loc.spec, self.precision.compute_dtype, tokens,
+                                 fingerprint=self.hw.fingerprint, device=self.device)
+        self._start_tracking(run_id)
+        self._start_profiler()
+        self._write_run_files()
+        return self
+
+    def _find_checkpoint(self) -> Path | None:
+        root = ckpt.checkpoints_dir(self.out)
+        found = ckpt.latest_checkpoint(root)
+        if not self.resume:
+            if found is not None:
+                # A fresh run in a folder with an older run's checkpoints: --resume would later mix them up.
+                shutil.rmtree(root)
+                self.console.print(f"note: starting afresh; removed earlier checkpoints in {root} "
+                                   "(use --resume to continue them)", highlight=False)
+            return None
+        if found is None:
+            self.console.print(f"note: --resume found no checkpoint in {root}; starting afresh", highlight=False)
+            return None
+        ckpt.check_compatible(ckpt.read_meta(found), self.config_hash, found)
+        return found
+
+    def _tokenizer(self, records: list[dict], resume_from: Path | None):
+        from lowres.data import render_texts
+        from lowres.models import load_tokenizer
+
+        saved = self.out / "tokenizer"
+        if resume_from is not None and saved.is_dir():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(saved)), "saved-with-run"
+        texts = render_texts(records, self.cfg.data, None) if not self.loc.pretrained else None
+        tokenizer, source = load_tokenizer(self.loc, texts, self.cfg.data.tokenizer_vocab)
+        return tokenizer, source
+
+    def _start_tracking(self, run_id: str | None) -> None:
+        if not self.cfg.tracking.mlflow:
+            return
+        from lowres.tracking import log_params, log_text, max_logged_step, start_run
+        from lowres.tracking.runs import client
+        from lowres.train.metrics_log import StepMetricsLogger
+
+        t = self.cfg.tracking
+        tags = {"weights": self.info["weights_source"], "lowres.command": "train"}
+        handle = start_run(t.experiment, run_name=t.run_name, run_id=run_id, tracking_uri=t.mlflow_uri,
+                           fingerprint=self.hw.fingerprint, tier=self.hw.tier,
+                           config=self.cfg.model_dump(mode="json"), tags=tags)
+        self.run_id, self.tracking_uri = handle.run_id, handle.tracking_uri
+        skip: dict[str, int] = {}
+        if handle.resumed:  # steps the run already holds are recomputed identically: don't send them twice
+            for key in client(self.tracking_uri).get_run(self.run_id).data.metrics:
+                last = max_logged_step(self.run_id, key, self.tracking_uri)
+                if last is not None:
+                    skip[key] = last
+        else:
+            log_params(self.run_id, {"config": self.cfg.model_dump(mode="json"), "model": {
+                k: self.info[k] for k in ("params_total", "params_trainable", "weights_source", "dtype", "quant")},
+                "mfu": {"flops_per_token": self.flops_per_token,
+                        "roofline_flops_per_s": self.roofline.flops_per_s}}, self.tracking_uri)
+            log_text(self.run_id, self.cfg.to_yaml(), "config.yaml", self.tracking_uri)
+        self._system_first_step = 1 + max((v for k, v in skip.items() if k.startswith("system/")), default=-1)
+        self.logger = StepMetricsLogger(self.run_id, self.tracking_uri, skip)
+
+    def _start_profiler(self) -> None:
+        t = self.cfg.tracking
+        if t.profiler_mode == "off":
+            return
+        from profiler import Profiler
+
+        sinks: list[dict] = []
+        if t.jsonl:
+            sinks.append({"kind": "jsonl", "path": str(self.out / "profile.jsonl")})
+        if t.prometheus_port is not None:
+            sinks.append({"kind": "prometheus", "port": t.prometheus_port})
+        if t.pushgateway:
+            sinks.append({"kind": "pushgateway", "url": t.pushgateway})
+        if self.run_id:
+            sinks.append({"kind": "mlflow", "run_id": self.run_id, "tracking_uri": self.tracking_uri,
+                          "first_step": self._system_first_step})
+        labels = {"fingerprint": self.hw.fingerprint}
+        if self.run_id:
+            labels["run"] = self.run_id
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.prof = Profiler(interval=t.profiler_interval, sinks=sinks, mode=t.profiler_mode, labels=labels).start()
+
+    def _write_run_files(self) -> None:
+        """config.yaml and tokenizer/ beside the checkpoints: eval, export and --resume read them back."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(self.cfg.to_yaml())
+        self.tokenizer.save_pretrained(str(self.out / "tokenizer"))
+
+    # ------------------------------------------------------------------ train: the loop
+    def train(self, steps: int | None = None) -> TrainResult:
+        """Run optimizer steps up to ``train.max_steps`` (or ``steps`` more); stop cleanly on SIGTERM/SIGINT."""
+        cfg = self.cfg
+        target = cfg.train.max_steps if steps is None else min(cfg.train.max_steps, self.step + steps)
+        stopped_by = "max_steps" if target == cfg.train.max_steps else "steps"
+        with stop_on_signals() as stop, TrainProgress(self.console, cfg.train.max_steps, self.step,
+                                                      self.show_progress) as bar:
+            while self.step < target and not stop:
+                record = self._train_step()
+                self.step += 1
+                self._report(record, bar)
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.max_steps:
+                    self._evaluate()
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self._save_checkpoint()
+            if stop:
+                stopped_by = stop.signame
+                self._save_checkpoint()
+                self.console.print(f"{stop.signame}: checkpoint at step {self.step} saved; continue with --resume",
+                                   highlight=False)
+        if self.step >= cfg.train.max_steps and stopped_by == "max_steps":
+            self._evaluate()
+            self._save_checkpoint()
+            self._save_final()
+        return self._result(stopped_by)
+
+    def _train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its figures."""
+        cfg, timer = self.cfg.train, PhaseTimer(self.prof, self.device)
+        t0 = time.perf_counter()
+        with timer("data"):
+            micro = [{k: v.to(self.device) for k, v in self.batches.next().items()} for _ in range(cfg.grad_accum)]
+            # Every label token of the step weighs the same, as in one big batch (HF: num_items_in_batch).
+            n_label = sum(int((shift_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in micro)
+            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                         for b in micro)
+        loss_sum = 0.0
+        for batch in micro:
+            with timer("forward"), autocast_context(self.precision, self.device):
+                loss, _ = causal_lm_loss(self.model, batch, cfg.loss_chunk_tokens)
+                loss = loss / max(1, n_label)
+            with timer("backward"):
+                loss.backward()
+            loss_sum += float(loss.detach())
+        with timer("optimizer"):
+            lr = self.scheduler.get_last_lr()[0]
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        return {"loss": loss_sum, "learning_rate": lr, "grad_norm": grad_norm, "tokens": tokens,
+                "step_seconds": seconds, "tokens_per_second": tokens / seconds,
+                "peak_memory_bytes": timer.peak_bytes, **{f"{k}_seconds": v for k, v in timer.seconds.items()}}
+
+    def _report(self, record: dict, bar: TrainProgress) -> None:
+        """Figures of the step just done → history, MLflow (queued), profiler sinks, progress bar."""
+        record["mfu_ratio"] = mfu(record["tokens_per_second"], self.flops_per_token, self.roofline.flops_per_s)
+        record["step"] = self.step
+        self.history.append(record)
+        if self.logger:
+            keys = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "step_seconds", "mfu_ratio",
+                    "peak_memory_bytes", *(f"{p}_seconds" for p in PHASES))
+            self.logger.log({f"train/{k}": record[k] for k in keys if k in record}, self.step)
+        if self.prof:
+            for name, key in (("lowres_train_loss", "loss"), ("lowres_train_tokens_per_second", "tokens_per_second"),
+                              ("lowres_train_step_seconds", "step_seconds"), ("lowres_train_mfu_ratio", "mfu_ratio"),
+                              ("lowres_train_learning_rate", "learning_rate")):
+                self.prof.record(name, record[key])
+            self.prof.record("lowres_train_steps_total", self.step)
+        bar.update(self.step, record["loss"], record["tokens_per_second"], record["peak_memory_bytes"])
+
+    def _evaluate(self) -> None:
+        with (self.prof.phase("eval") if self.prof else contextlib.nullcontext()):
+            result = evaluate(self.model, self.data.eval, self.cfg.train.batch_size, self.cfg.train.loss_chunk_tokens,
+                              self.cfg.train.eval_batches, self.precision, self.device)
+        if result is None:
+            return
+        self._eval = dict(result, step=self.step)
+        if self.logger:
+            self.logger.log({"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}, self.step)
+
+    def _save_checkpoint(self) -> None:
+        if self.logger:
+            # Every step up to the checkpoint must be in the store before the checkpoint exists: a resume
+            # starts after it and never logs those steps again.
+            self.logger.flush()
+        meta = {"run_id": self.run_id, "config_hash": self.config_hash}
+        self._last_checkpoint = ckpt.save_checkpoint(
+            ckpt.checkpoints_dir(self.out), self.step, self.model, self.optimizer, self.scheduler,
+            self.batches.state_dict(), meta, keep=self.cfg.checkpoint.keep)
+
+    def _save_final(self) -> None:
+        """The adapter beside config.yaml and tokenizer/; all three logged to the MLflow run."""
+        adapter = self.out / "adapter"
+        self.model.save_pretrained(str(adapter), safe_serialization=True)
+        if self.run_id:
+            from lowres.tracking.runs import client
+
+            c = client(self.tracking_uri)
+            c.log_artifacts(self.run_id, str(adapter), "adapter")
+            c.log_artifacts(self.run_id, str(self.out / "tokenizer"), "tokenizer")
+
+    # ------------------------------------------------------------------ cleanup
+    def _result(self, stopped_by: str) -> TrainResult:
+        timed = self.history[self.cfg.train.warmup_ignore_steps:] or self.history
+        mean = (lambda k: statistics.fmean(r[k] for r in timed)) if timed else (lambda k: None)
+        tps = (sum(r["tokens"] for r in timed) / sum(r["step_seconds"] for r in timed)) if timed else None
+        return TrainResult(
+            run_id=self.run_id, step=self.step, stopped_by=stopped_by,
+            loss=self.history[-1]["loss"] if self.history else None, eval=self._eval,
+            tokens_per_s=tps, step_seconds=mean("step_seconds"),
+            mfu=None if tps is None else mfu(tps, self.flops_per_token, self.roofline.flops_per_s),
+            flops_per_token=self.flops_per_token, peak_flops_per_s=self.roofline.flops_per_s,
+            peak_rss_bytes=max((r["peak_memory_bytes"] for r in self.history), default=0),
+            output_dir=str(self.out), checkpoint=str(self._last_checkpoint) if self._last_checkpoint else None,
+            history=self.history, info=dict(self.info, roofline_source=self.roofline.source))
+
+    def cleanup(self, status: str = "FINISHED") -> dict | None:
+        """Stop the profiler, flush metrics, close the MLflow run with ``status``; the profile summary."""
+        summary = None
+        if self.prof is not None:
+            summary = self.prof.stop().to_dict()
+            self.prof = None
+        if self.logger is not None:
+            self.logger.close()
+            if self.logger.failures:
+                self.console.print(f"warning: {self.logger.failures} MLflow writes failed "
+                                   f"(last: {self.logger.last_error})", highlight=False)
+            self.logger = None
+        if self.run_id:
+            from lowres.tracking import end_run
+
+            end_run(self.run_id, status, self.tracking_uri)
+        return summary
+
+
+def run(cfg: RunConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
+        steps: int | None = None) -> TrainResult:
+    """setup → train → cleanup for one RunConfig; ``steps`` runs only that many (probes, federated rounds)."""
+    recipe = Recipe(cfg, resume=resume, console=console, progress=progress)
+    status = "FAILED"
+    try:
+        recipe.setup()
+        result = recipe.train(steps)
+        status = "FINISHED" if result.stopped_by in ("max_steps", "steps") else "KILLED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        profile = recipe.cleanup(status)
+    result.profile = profile
+    return result
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,56 @@
+"""What `lowres eval` and `lowres export` do with a finished run's folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from lowres.errors import DataError
+from lowres.train.evaluation import TrainedRun, evaluate, load_trained
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_run(run: TrainedRun, data: str | None, max_batches: int | None, overrides: list[str]) -> dict:
+    """Loss and perplexity of the run's adapter: on all of ``data`` when given, else on the run's eval split
+    (the same seeded split the run held out)."""
+    from lowres.config import load_config
+    from lowres.data import build_data
+
+    cfg = load_config(run.config_path, overrides, use_env=False)
+    device = _device()
+    model, tokenizer, rp = load_trained(run, cfg, device)
+    if data:
+        bundle = build_data(cfg.data.model_copy(update={"path": data, "eval_fraction": 0.0}), tokenizer, cfg.train.seed)
+        blocks, where = bundle.train, data
+    else:
+        blocks, where = build_data(cfg.data, tokenizer, cfg.train.seed).eval, "the run's eval split"
+    result = evaluate(model, blocks, cfg.train.batch_size, cfg.train.loss_chunk_tokens, max_batches, rp, device)
+    if result is None:
+        raise DataError(f"{where} has no tokens to evaluate on",
+                        hint="pass --data FILE, or train with data.eval_fraction > 0")
+    return dict(result, data=where)
+
+
+def export_run(run: TrainedRun, out: str | Path, merge: bool) -> list[str]:
+    """Copy the adapter and tokenizer to ``out``; with ``merge``, write base + LoRA merged as one model in
+    safetensors instead (the base loaded unquantized: LoRA merged into 4-bit weights would be rounded away)."""
+    from lowres.config import load_config
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if merge:
+        cfg = load_config(run.config_path, use_env=False)
+        model, tokenizer, _ = load_trained(run, cfg, "cpu", quantized=False)
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+    else:
+        for f in run.adapter_dir.iterdir():
+            shutil.copy2(f, out / f.name)
+        shutil.copytree(run.tokenizer_dir, out, dirs_exist_ok=True)
+    return sorted(p.name for p in out.iterdir())
