@@ -1,5 +1,5 @@
-"""Real servers for tests: Prometheus, Pushgateway and ``mlflow server``, each a subprocess on a free loopback
-port in a temp dir, stopped when the ``with`` block ends — also when the test fails.
+"""Real servers for tests: Prometheus, Pushgateway, PostgreSQL and ``mlflow server``, each a subprocess on a free
+loopback port in a temp dir, stopped when the ``with`` block ends — also when the test fails.
 
 Tests import it as ``from servers import ...`` (tests/ has no ``__init__.py``). A server that does not come
 up raises with the tail of its log, so a failing start says why.
@@ -8,6 +8,7 @@ up raises with the tail of its log, so a failing start says why.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -42,6 +44,10 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+class ServerExited(AssertionError):
+    """A server process died while we waited for it: fail at once instead of polling to the timeout."""
+
+
 def wait_until(check, timeout: float, what: str, interval: float = 0.2):
     """Poll ``check()`` until it returns something truthy, or fail the test naming ``what``."""
     deadline = time.monotonic() + timeout
@@ -51,6 +57,8 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2):
             result = check()
             if result:
                 return result
+        except ServerExited:
+            raise
         except Exception as exc:  # the server may not be listening yet
             last_exc = exc
         time.sleep(interval)
@@ -65,17 +73,22 @@ def _require(binary: str) -> str:
 
 
 @contextlib.contextmanager
-def _process(cmd: Sequence[str], workdir: Path, ready_url: str, name: str, timeout: float) -> Iterator[None]:
-    """Run ``cmd`` in its own process group, wait for ``ready_url`` to answer 200, stop it on exit."""
+def _process(cmd: Sequence[str], workdir: Path, ready_url: str, name: str, timeout: float,
+             env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run ``cmd`` in its own process group, wait for ``ready_url`` to answer 200, stop it on exit.
+
+    ``env`` is added to this process's environment (secrets travel this way, never on the command line).
+    """
     log_path = workdir / f"{name}.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:  # appended: a restarted server keeps the earlier log for failures
         # A new session, so stopping it reaches the workers it forks (mlflow server runs uvicorn workers).
         proc = subprocess.Popen(list(cmd), cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, **env} if env else None)
     try:
         def ready():
             if proc.poll() is not None:
-                raise AssertionError(f"{name} exited with {proc.returncode}:\n{_tail(log_path)}")
+                raise ServerExited(f"{name} exited with {proc.returncode}")
             return http_get(ready_url, timeout=2)[0] == 200
         try:
             wait_until(ready, timeout, f"{name} at {ready_url}")
@@ -149,21 +162,110 @@ def pushgateway_server(timeout: float = 20.0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str | None = None, timeout: float = 90.0) -> Iterator[str]:
-    """A real ``mlflow server`` subprocess (one worker) on a free port; yields its tracking URI.
+def mlflow_server(backend_uri: str | None = None, timeout: float = 90.0, *, app_name: str | None = None,
+                  env: dict[str, str] | None = None, port: int | None = None, workdir: str | Path | None = None,
+                  workers: int = 1) -> Iterator[str]:
+    """A real ``mlflow server`` subprocess on a free port; yields its tracking URI.
 
-    ``backend_uri`` defaults to a SQLite file in the server's temp dir; artifacts go there too.
+    ``backend_uri`` defaults to a SQLite file in the server's temp dir; artifacts go there too. ``app_name``
+    (``basic-auth``) and ``env`` (its config path and admin password) turn on authentication. Passing the
+    ``port`` and ``workdir`` of an earlier server restarts "the same" server: same URL, same artifacts.
     """
-    with tempfile.TemporaryDirectory(prefix="lowres-mlflow-") as tmp:
-        work = Path(tmp)
-        port = free_port()
+    with contextlib.ExitStack() as stack:
+        work = Path(workdir) if workdir else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="lowres-mlflow-")))
+        port = port or free_port()
         backend = backend_uri or f"sqlite:///{work / 'mlflow.db'}"
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", LOOPBACK, "--port", str(port),
-               "--workers", "1", "--backend-store-uri", backend,
+               "--workers", str(workers), "--backend-store-uri", backend,
                "--artifacts-destination", str(work / "mlartifacts")]
+        if app_name:
+            cmd += ["--app-name", app_name]
         base = f"http://{LOOPBACK}:{port}"
-        with _process(cmd, work, base + "/health", "mlflow-server", timeout):
+        with _process(cmd, work, base + "/health", "mlflow-server", timeout, env=env):
             yield base
+
+
+@dataclass(frozen=True)
+class Postgres:
+    """A running test PostgreSQL: where it listens and how to log in (the password stays in the test)."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def uri(self, database: str, with_password: bool = False) -> str:
+        """A SQLAlchemy URI; without the password libpq takes it from ``PGPASSWORD`` (see ``env``)."""
+        auth = f"{self.user}:{self.password}" if with_password else self.user
+        return f"postgresql://{auth}@{self.host}:{self.port}/{database}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a client process: libpq reads the password from here, never from argv."""
+        return {"PGPASSWORD": self.password}
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name`` (if missing) and return its URI (password-free)."""
+        import psycopg
+
+        # autocommit: CREATE DATABASE cannot run inside a transaction
+        with psycopg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                             dbname="postgres", autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        return self.uri(name)
+
+
+def _pg_bin(name: str) -> str:
+    for version_dir in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (version_dir / name).exists():
+            return str(version_dir / name)
+    return _require(name)
+
+
+@contextlib.contextmanager
+def postgres_server(timeout: float = 60.0) -> Iterator[Postgres]:
+    """A real PostgreSQL (Debian ``postgresql``): ``initdb`` + ``pg_ctl`` into a temp dir, listening on a free
+    loopback port with password (SCRAM) authentication; stopped (``pg_ctl stop -m fast``) on exit.
+
+    PostgreSQL refuses to run as root, so as root it runs as ``nobody`` (the temp dir is handed to it).
+    """
+    import secrets
+
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    # SQLAlchemy 2.1 reads postgresql:// as psycopg 3 (PyPI ``psycopg[binary]``)
+    pytest.importorskip("psycopg", reason="psycopg[binary] is needed for MLflow's PostgreSQL store")
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    with tempfile.TemporaryDirectory(prefix="lowres-pg-") as tmp:
+        work = Path(tmp)
+        password = secrets.token_urlsafe(18)
+        pwfile = work / "pwfile"
+        pwfile.write_text(password + "\n")
+        pwfile.chmod(0o600)
+        if as_user:
+            for p in (work, pwfile):
+                os.chown(p, 65534, 65534)
+        data, log_path, port = work / "data", work / "postgres.log", free_port()
+        run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=timeout)
+        res = run(as_user + [initdb, "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
+                             "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8",
+                             "--no-instructions"])
+        pwfile.unlink()
+        if res.returncode != 0:
+            raise AssertionError(f"initdb failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+        # Loopback only, socket in the temp dir (not /var/run/postgresql), small footprint for a test.
+        opts = (f"-c listen_addresses={LOOPBACK} -c port={port} -c unix_socket_directories={work} "
+                "-c max_connections=50 -c shared_buffers=32MB -c fsync=off")
+        res = run(as_user + [pg_ctl, "-D", str(data), "-l", str(log_path), "-o", opts, "-w",
+                             "-t", str(int(timeout)), "start"])
+        try:
+            if res.returncode != 0:
+                raise AssertionError(f"pg_ctl start failed ({res.returncode}):\n{res.stdout}{res.stderr}"
+                                     f"\n--- postgres log ---\n{_tail(log_path)}")
+            yield Postgres(LOOPBACK, port, "postgres", password)
+        finally:
+            run(as_user + [pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"])
 
 
 def prometheus_query(base: str, promql: str) -> list[dict]:

@@ -33,6 +33,7 @@ COMMANDS = [
     ("train", "train", "train"),
     ("train", "eval", "eval_cmd"),
     ("train", "export", "export"),
+    ("sync", "sync", "sync"),
 ]
 
 for _module, _name, _func in COMMANDS:
@@ -43,8 +44,23 @@ for _module, _name, _func in COMMANDS:
 err_console = Console(stderr=True)
 
 
+def _quiet_third_party_noise() -> None:
+    """Silence two messages that say nothing actionable to a lowres user.
+
+    bitsandbytes (imported by peft) warns on every AVX512-BF16 CPU that it could not fetch an optional 4-bit
+    kernel from the Hugging Face hub; lowres never fetches code at run time and its 4-bit figures are measured
+    with the fallback that is used. peft's k-bit preparation calls a transformers method deprecated in v5.
+    """
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return (and exit with) the command's exit code."""
+    _quiet_third_party_noise()
     try:
         # In non-standalone mode click returns the code of `typer.Exit(code)` instead of raising it.
         result = app(args=argv, standalone_mode=False)
