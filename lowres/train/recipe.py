@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import shutil
 import statistics
 import time
@@ -189,14 +190,15 @@ class Recipe:
             sinks.append({"kind": "jsonl", "path": str(self.out / "profile.jsonl")})
         if t.prometheus_port is not None:
             sinks.append({"kind": "prometheus", "port": t.prometheus_port})
+        run_label = self.run_id or self.out.resolve().name
         if t.pushgateway:
-            sinks.append({"kind": "pushgateway", "url": t.pushgateway})
+            # one group per run, or two runs pushing at once would overwrite each other's series
+            sinks.append({"kind": "pushgateway", "url": t.pushgateway, "job": "lowres",
+                          "grouping": {"run": run_label}})
         if self.run_id:
             sinks.append({"kind": "mlflow", "run_id": self.run_id, "tracking_uri": self.tracking_uri,
                           "first_step": self._system_first_step})
-        labels = {"fingerprint": self.hw.fingerprint}
-        if self.run_id:
-            labels["run"] = self.run_id
+        labels = {"fingerprint": self.hw.fingerprint, "run": run_label, "host": platform.node()}
         self.out.mkdir(parents=True, exist_ok=True)
         self.prof = Profiler(interval=t.profiler_interval, sinks=sinks, mode=t.profiler_mode, labels=labels).start()
 
