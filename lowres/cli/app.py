@@ -39,7 +39,8 @@ COMMANDS = [
 for _module, _name, _func in COMMANDS:
     _mod = importlib.import_module(f"lowres.cli.{_module}")
     _fn = getattr(_mod, _func)
-    app.command(_name, context_settings=getattr(_fn, "context_settings", None))(_fn)
+    app.command(_name, context_settings=getattr(_fn, "context_settings", None),
+                options_metavar=getattr(_fn, "options_metavar", "[OPTIONS]"))(_fn)
 
 err_console = Console(stderr=True)
 

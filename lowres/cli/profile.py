@@ -155,3 +155,4 @@ def profile(
 
 
 profile.context_settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+profile.options_metavar = "[OPTIONS] -- CMD ARGS…"
