@@ -34,6 +34,7 @@ COMMANDS = [
     ("train", "eval", "eval_cmd"),
     ("train", "export", "export"),
     ("sync", "sync", "sync"),
+    ("dash", "dash", "dash"),
 ]
 
 for _module, _name, _func in COMMANDS:

@@ -52,8 +52,14 @@ def client(tracking_uri: str | None = None):
     return MlflowClient(resolve_tracking_uri(tracking_uri))
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    """A short, stable hash of a config: SHA-256 of its canonical JSON (sorted keys), first 16 hex digits."""
+def config_hash(config: Any) -> str:
+    """A short, stable hash of a config: SHA-256 of its canonical JSON (sorted keys), first 16 hex digits.
+
+    A RunConfig hashes itself (``RunConfig.config_hash``): only what determines results, not where the run
+    writes or logs, so reruns of one config into other folders compare as the same config.
+    """
+    if hasattr(config, "config_hash"):
+        return config.config_hash()
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -80,7 +86,7 @@ def git_sha(path: str | Path | None = None) -> str | None:
     return sha if res.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
 
 
-def standard_tags(*, fingerprint: str | None, tier: str | None, config: Mapping[str, Any] | None = None,
+def standard_tags(*, fingerprint: str | None, tier: str | None, config: Any = None,
                   git_path: str | Path | None = None) -> dict[str, str]:
     """The tags every lowres run carries so runs from different machines and versions can be compared.
 

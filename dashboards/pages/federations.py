@@ -1,0 +1,81 @@
+"""Federations: live and past `lowres fed` runs, several at once — rounds, bytes, eval loss, each client's
+health (online/offline by its last report) and failures.
+
+Read from MLflow: a federation is a parent run (tag ``lowres.command=fed``), each client a child run; its
+``fed/...`` metrics are plotted whatever they are named. With Prometheus configured, a client's last report
+comes from ``lowres_fed_client_last_report_timestamp_seconds`` instead of its newest MLflow metric."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+import queries
+import queries_live
+
+# lowres.federated.monitor's per-round keys worth a chart by default; the picker offers every fed/ key
+PER_ROUND = ["fed/central_eval_loss", "fed/federated_eval_loss", "fed/train_loss", "fed/round_seconds",
+             "fed/bytes_down", "fed/bytes_up", "fed/clients_accepted", "fed/clients_failed"]
+
+st.title("Federations")
+uri = queries.mlflow_uri()
+feds, clients = queries.federations(uri)
+st.caption(f"MLflow: `{uri}`")
+if feds.empty:
+    st.info("No federations yet: `lowres fed` logs one parent run per federation and a child run per client.")
+    st.stop()
+
+top = st.columns([3, 1])
+names = feds["federation"].tolist()
+chosen = top[0].multiselect("Federations", names, default=names[:5], key="fed_pick")
+offline_after = top[1].number_input("Offline after (s) without a report", min_value=5, max_value=86400, value=120,
+                                    key="fed_offline")
+feds = feds[feds["federation"].isin(chosen)]
+clients = clients.merge(feds[["run_id", "federation"]], left_on="federation_run_id", right_on="run_id",
+                        suffixes=("", "_fed")).drop(columns=["run_id_fed"])
+
+prom_last = None
+prom = queries.prometheus_url()
+if prom:
+    try:
+        prom_last = {(lb.get("federation"), lb.get("client")): v for lb, v in
+                     queries_live.prometheus_instant(prom, "lowres_fed_client_last_report_timestamp_seconds")}
+    except (OSError, RuntimeError, ValueError) as exc:
+        st.warning(f"Prometheus at {prom} does not answer ({exc}); last reports come from MLflow.")
+health = queries.client_health(clients, offline_after, prometheus_last=prom_last)
+
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Federations", len(feds))
+c2.metric("Running", int((feds["status"] == "RUNNING").sum()))
+c3.metric("Clients online", int((health["health"] == "online").sum()))
+c4.metric("Clients offline", int((health["health"] == "offline").sum()))
+
+st.subheader("Federations")
+st.dataframe(feds[["federation", "status", "rounds", "eval_loss", "train_loss", "clients_accepted", "bytes_sent",
+                   "bytes_received", "failures", "rejected", "started", "run_id"]], hide_index=True)
+
+st.subheader("Clients")
+health = health.assign(last_report=pd.to_datetime(health["last_report_s"], unit="s", utc=True))
+order = ["federation", "client", "health", "seconds_since_report", "last_report", "status", "failures",
+         "train_loss", "tokens_per_s", "bytes_up", "run_id"]
+st.dataframe(health[order].style.map(
+    lambda h: "background-color: #f8d7da" if h == "offline" else "background-color: #d1e7dd", subset=["health"]),
+    hide_index=True, column_config={
+        "seconds_since_report": st.column_config.NumberColumn("seconds since report", format="%.0f")})
+
+keys = sorted({k for ks in feds["fed_metrics"] for k in ks.split(",") if k and not k.endswith("_total")})
+preferred = [k for k in PER_ROUND if k in keys] or keys[:6]
+shown = st.multiselect("Per-round metrics", keys, default=preferred, key="fed_metrics")
+if shown:
+    st.subheader("Per round")
+    hist = queries.metric_history(uri, tuple(feds["run_id"]), tuple(shown))
+    hist = hist.merge(feds[["run_id", "federation"]], on="run_id")
+    grid = st.columns(2)
+    for i, key in enumerate(shown):
+        part = hist[hist["key"] == key]
+        with grid[i % 2]:
+            st.markdown(f"**{key}**")
+            st.altair_chart(alt.Chart(part).mark_line(point=True).encode(
+                x=alt.X("step:Q", title="round"), y=alt.Y("value:Q", title=None), color="federation:N"
+            ).properties(height=180), width="stretch")

@@ -1,0 +1,84 @@
+"""`lowres dash`: start the Streamlit dashboard (dashboards/streamlit_app.py) on 127.0.0.1. Parse and exec only."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import lowres
+
+
+def dashboards_dir() -> Path:
+    """``$LOWRES_DASHBOARDS`` if set, else ``<repo root>/dashboards`` beside the package (a source checkout)."""
+    override = os.environ.get("LOWRES_DASHBOARDS")
+    if override:
+        return Path(override).expanduser()
+    return Path(lowres.__file__).resolve().parents[1] / "dashboards"
+
+
+def streamlit_command(app: Path, port: int, address: str = "127.0.0.1") -> list[str]:
+    """The `streamlit run` command line: loopback, headless (no browser opened, no e-mail prompt), no telemetry."""
+    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", address,
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "viewer"]  # no "Deploy" button: this app runs where its data is
+
+
+def dash(
+    port: Annotated[int, typer.Option("--port", "-p", help="Port on 127.0.0.1 to serve on.")] = 8501,
+    mlflow_uri: Annotated[str | None, typer.Option("--mlflow-uri", help="MLflow tracking URI (default: "
+                                                   "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")] = None,
+    prometheus: Annotated[str | None, typer.Option("--prometheus", metavar="URL", help="Prometheus base URL for the "
+                                                   "Live and Federations pages (default: $LOWRES_PROMETHEUS_URL; "
+                                                   "none: read the run's profile.jsonl).")] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder searched for runs' profile.jsonl files.")]
+    = Path("runs"),
+    regression_threshold: Annotated[float, typer.Option("--regression-threshold", metavar="PCT", help="Regressions "
+                                                        "page: flag a run this many % slower than its baseline.")]
+    = 10.0,
+) -> None:
+    """Open the dashboard: Advisor, Live, Compare, Regressions and Federations pages, served on 127.0.0.1."""
+    from lowres.errors import UsageError
+    from profiler.sinks import PortInUse
+
+    app = dashboards_dir() / "streamlit_app.py"
+    if not app.is_file():
+        raise UsageError(f"the dashboard app is not at {app}",
+                         hint="run from a source checkout, or set LOWRES_DASHBOARDS to the dashboards folder")
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port must be in 1..65535, got {port}")
+    if not 0 <= regression_threshold <= 100:
+        raise UsageError(f"--regression-threshold must be a percentage in 0..100, got {regression_threshold}")
+    _check_free(port, PortInUse)
+    env = dict(os.environ)
+    if mlflow_uri:
+        env["MLFLOW_TRACKING_URI"] = mlflow_uri
+    if prometheus:
+        env["LOWRES_PROMETHEUS_URL"] = prometheus
+    env["LOWRES_RUNS_DIR"] = str(runs_dir.expanduser().resolve())
+    env["LOWRES_REGRESSION_THRESHOLD_PCT"] = str(regression_threshold)
+    typer.echo(f"lowres dash: http://127.0.0.1:{port} (Ctrl+C stops it)", err=True)
+    try:
+        code = subprocess.call(streamlit_command(app, port), env=env)
+    except KeyboardInterrupt:
+        code = 130
+    if code:
+        raise typer.Exit(code)
+
+
+def _check_free(port: int, port_in_use: type) -> None:
+    # Streamlit would otherwise print its own long message and exit 1; say it in lowres's words (exit 2).
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise port_in_use(port, "127.0.0.1") from None
+
+
+dash.context_settings = {"help_option_names": ["-h", "--help"]}
