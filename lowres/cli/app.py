@@ -43,6 +43,11 @@ for _module, _name, _func in COMMANDS:
     app.command(_name, context_settings=getattr(_fn, "context_settings", None),
                 options_metavar=getattr(_fn, "options_metavar", "[OPTIONS]"))(_fn)
 
+# `lowres fed run|superlink|supernode|certs`: a command group of its own
+from lowres.cli.fed import fed_app  # noqa: E402
+
+app.add_typer(fed_app, name="fed")
+
 err_console = Console(stderr=True)
 
 

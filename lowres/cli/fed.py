@@ -1,0 +1,136 @@
+"""`lowres fed …`: federated LoRA fine-tuning on Flower — parse, call lowres.federated, print. No logic here.
+
+    lowres fed run --config configs/fed/tiny-sim.yaml [--set rounds=5]           simulation (Ray, one machine)
+    lowres fed run --config configs/fed/tiny-deploy.yaml --superlink HOST:PORT   deployment (`flwr run`)
+    lowres fed superlink [--port 8000] [--certs DIR | --insecure] [--supernode-auth]
+    lowres fed supernode --superlink HOST:PORT --partition-id 0 --num-partitions 2 [--data-path FILE]
+    lowres fed certs DIR                                                       a self-signed CA + server cert
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+fed_app = typer.Typer(name="fed", help="Federated LoRA fine-tuning on Flower: simulation and deployment.",
+                      no_args_is_help=True)
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="A.B=C", help="Override a federation field.")]
+
+
+@fed_app.command("run")
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Federation YAML (configs/fed/*.yaml).")],
+    overrides: SetOpt = None,
+    superlink: Annotated[str | None, typer.Option("--superlink", help="HOST:PORT of a SuperLink: deploy there "
+                                                  "with `flwr run` instead of simulating.")] = None,
+    root_cert: Annotated[str | None, typer.Option("--root-cert", help="CA certificate of a TLS SuperLink.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP to the SuperLink (loopback tests).")] = False,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Deployment: wait for the run to finish.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Run a federation: simulated on this machine, or submitted to a SuperLink."""
+    from lowres.federated.config import load_fed_config
+
+    console = Console(stderr=True)
+    fed = load_fed_config(config, overrides)
+    if superlink is None:
+        from lowres.federated.simulation import simulate
+
+        result = simulate(fed, console=console)
+        out = {"federation": fed.federation, "mlflow_run_id": result.run_id, "rounds": result.rounds,
+               "final_eval": result.final_eval, "global_adapter": result.global_path}
+    else:
+        from lowres.errors import UsageError
+        from lowres.federated.deploy import submit, wait_finished
+
+        if not (root_cert or insecure):
+            raise UsageError("a SuperLink connection needs --root-cert CA.crt (TLS) or --insecure (plain HTTP)")
+        home = Path(fed.output_dir) / ".flwr"
+        run_id = submit(config, superlink, home, root_cert, list(overrides or []))
+        console.print(f"submitted Flower run {run_id} to {superlink}", highlight=False)
+        out = {"federation": fed.federation, "flower_run_id": run_id}
+        if wait:
+            out["flower"] = wait_finished(run_id, home, timeout_s=fed.rounds * fed.robustness.round_timeout_s * 3 + 300)
+    if json_output:
+        print(json.dumps(out, default=str))
+    else:
+        console.print_json(json.dumps(out, default=str))
+
+
+@fed_app.command("superlink")
+def superlink_cmd(
+    port: Annotated[int, typer.Option("--port", help="The SuperLink's one HTTP(S) port.")] = 8000,
+    certs: Annotated[Path | None, typer.Option("--certs", help="Folder with ca.crt, server.pem, server.key (TLS).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP (loopback tests only).")] = False,
+    supernode_auth: Annotated[bool, typer.Option("--supernode-auth", help="Only registered SuperNodes may connect.")] = False,
+    database: Annotated[str | None, typer.Option("--database", help="State file (default: in memory).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the flower-superlink command only.")] = False,
+) -> None:
+    """Start a Flower SuperLink (runs in the foreground; Ctrl-C stops it)."""
+    from lowres.federated.deploy import flower_env, superlink_command
+
+    _tls_choice(certs, insecure)
+    cmd = superlink_command(port, certs, supernode_auth, database)
+    _exec(cmd, flower_env(Path.home() / ".cache" / "lowres" / "flower-bin"), dry_run)
+
+
+@fed_app.command("supernode")
+def supernode_cmd(
+    superlink: Annotated[str, typer.Option("--superlink", help="HOST:PORT of the SuperLink.")],
+    partition_id: Annotated[int | None, typer.Option("--partition-id", help="Simulated partition to train on.")] = None,
+    num_partitions: Annotated[int | None, typer.Option("--num-partitions")] = None,
+    data_path: Annotated[str | None, typer.Option("--data-path", help="This node's own data file or folder.")] = None,
+    overrides: Annotated[str | None, typer.Option("--overrides", help='This node\'s recipe, e.g. "lora.rank=4 precision.quant=nf4".')] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads for this node's client.")] = None,
+    output_dir: Annotated[str | None, typer.Option("--output-dir", help="This node's run files (default: beside "
+                                                   "the server's federation folder).")] = None,
+    port: Annotated[int, typer.Option("--port", help="This node's own runtime API port (one per node per host).")] = 9094,
+    root_cert: Annotated[str | None, typer.Option("--root-cert", help="CA certificate of a TLS SuperLink.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP (loopback tests only).")] = False,
+    auth_key: Annotated[str | None, typer.Option("--auth-key", help="Private key (KEY and KEY.pub) for SuperNode auth.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the flower-supernode command only.")] = False,
+) -> None:
+    """Start a Flower SuperNode that runs lowres' client on its own data."""
+    from lowres.federated.deploy import flower_env, supernode_command
+
+    _tls_choice(root_cert, insecure)
+    node_config: dict[str, object] = {}
+    for key, value in (("partition-id", partition_id), ("num-partitions", num_partitions), ("data-path", data_path),
+                       ("lowres-overrides", overrides), ("lowres-threads", threads), ("lowres-output-dir", output_dir)):
+        if value is not None:
+            node_config[key] = value
+    cmd = supernode_command(superlink, port, node_config, root_cert, auth_key)
+    _exec(cmd, flower_env(Path.home() / ".cache" / "lowres" / "flower-bin"), dry_run)
+
+
+@fed_app.command("certs")
+def certs_cmd(folder: Annotated[Path, typer.Argument(help="Where to write ca.crt, server.pem, server.key.")],
+              host: Annotated[str, typer.Option("--host", help="The SuperLink's address in the certificate.")] = "127.0.0.1") -> None:
+    """Write a self-signed CA and SuperLink certificate (for loopback/lab tests; use a real CA otherwise)."""
+    from lowres.federated.deploy import make_certs
+
+    print(make_certs(folder, host))
+
+
+def _tls_choice(certs: object, insecure: bool) -> None:
+    from lowres.errors import UsageError
+
+    if bool(certs) == bool(insecure):
+        raise UsageError("choose exactly one of TLS (--certs/--root-cert) and --insecure")
+
+
+def _exec(cmd: list[str], env: dict[str, str], dry_run: bool) -> None:
+    import shlex
+
+    if dry_run:
+        print(shlex.join(cmd))
+        return
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)  # the Flower process replaces this one: signals reach it directly

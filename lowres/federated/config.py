@@ -1,0 +1,157 @@
+"""FedConfig: one typed description of a federation — the clients' recipe, rounds, codecs, robustness, tracking.
+
+    fed = load_fed_config("configs/fed/tiny-sim.yaml", ["rounds=3", "compression.up=topk10+int8"])
+
+The clients' recipe is a RunConfig (``run:``, optionally on top of ``base:``, a run YAML). Per-client
+differences (rank, quantization, precision — e.g. what the advisor chose for each machine) go in
+``clients:`` keyed by partition id in simulation; in a deployment each SuperNode passes its own as node
+config (``lowres-overrides``), since only it knows its hardware.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lowres.config import RunConfig, _format_errors, _set_path, load_config, parse_override
+from lowres.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartitionConfig(_Section):
+    scheme: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: small = each client sees few labels")
+    label: str = Field("auto", description="field to partition by; auto: label/category/domain, else the "
+                       "instruction category (first word) or log component; hash:N for N hash buckets")
+    holdout: float = Field(0.1, ge=0, lt=1, description="fraction kept by the server for centralised eval")
+    seed: int = 0
+
+
+class CompressionConfig(_Section):
+    up: str = Field("none", description="codec of client→server updates: none, fp16, int8, int8t, topk<P>[+int8], prune<P>")
+    down: str = Field("none", description="codec of server→client weights (dense codecs only: none, fp16, int8, int8t)")
+    error_feedback: bool = Field(False, description="carry what a lossy uplink codec dropped into the next round")
+
+    @field_validator("up", "down")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from lowres.federated.compression import parse_codec
+
+        parse_codec(v)
+        return v
+
+    @field_validator("down")
+    @classmethod
+    def _dense(cls, v: str) -> str:
+        from lowres.federated.compression import parse_codec
+
+        if parse_codec(v).kind in ("topk", "prune"):
+            raise ValueError("the downlink carries whole weights, which sparsification would destroy; "
+                             "use none, fp16, int8 or int8t")
+        return v
+
+
+class StrategyConfig(_Section):
+    fedprox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight μ; 0 = plain FedAvg")
+    norm_factor: float | None = Field(10.0, gt=1, description="reject updates whose norm exceeds this × the "
+                                      "median norm of the round; null = no norm check")
+
+
+class RobustnessConfig(_Section):
+    min_clients: int = Field(2, ge=1, description="accepted updates a round needs to change the global adapter")
+    min_available: int = Field(2, ge=1, description="connected nodes to wait for before the first round (later "
+                               "rounds wait for min_clients)")
+    wait_nodes_s: float = Field(120.0, gt=0, description="longest wait for min_available nodes (Flower's own "
+                                "sampling waits forever)")
+    round_timeout_s: float = Field(600.0, gt=0, description="longest wait for replies in a round; late or "
+                                   "dead clients are recorded as failures and the round goes on without them")
+    fraction: float = Field(1.0, gt=0, le=1, description="fraction of connected nodes sampled per round")
+
+
+class FedTrackingConfig(_Section):
+    mlflow: bool = True
+    mlflow_uri: str | None = None
+    experiment: str = "lowres-fed"
+    prometheus_port: int | None = Field(None, ge=0, le=65535, description="serve lowres_fed_* on /metrics; 0 = free port")
+    offline_after_s: float = Field(120.0, gt=0, description="a client silent this long is shown offline")
+
+
+class FedConfig(_Section):
+    """A whole federation; see the module docstring."""
+
+    federation: str = Field("fed", description="name: the Prometheus label and the MLflow parent run name")
+    output_dir: str = "runs/fed"
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(5, ge=1, description="optimizer steps each client runs per round")
+    clients: int = Field(3, ge=1, description="simulated clients (partitions); ignored in deployment")
+    base: str | None = Field(None, description="a run YAML the clients' recipe starts from")
+    run: dict[str, Any] = Field(default_factory=dict, description="RunConfig fields over base (dotted or nested)")
+    client_overrides: dict[int, list[str]] = Field(default_factory=dict, description="partition id → "
+                                                   "['lora.rank=4', 'precision.quant=nf4', …]")
+    partition: PartitionConfig = PartitionConfig()
+    compression: CompressionConfig = CompressionConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    robustness: RobustnessConfig = RobustnessConfig()
+    tracking: FedTrackingConfig = FedTrackingConfig()
+
+    def run_config(self, partition: int | None = None, extra: list[str] | None = None) -> RunConfig:
+        """The clients' RunConfig (for ``partition``: with its overrides), fixed for federated use: no MLflow
+        run or profiler of its own (the federation logs centrally and profiles each round), no checkpoints
+        between rounds, and max_steps = rounds × local_steps so the LR schedule spans the federation."""
+        overrides = [f"{k}={v}" for k, v in _flatten(self.run)]
+        if partition is not None:
+            overrides += self.client_overrides.get(partition, [])
+        overrides += list(extra or [])
+        overrides += ["tracking.mlflow=false", "tracking.profiler_mode=off", "tracking.jsonl=false",
+                      "checkpoint.every=0", f"train.max_steps={self.rounds * self.local_steps}"]
+        return load_config(self.base, overrides, use_env=False)
+
+    def max_rank(self) -> int:
+        ranks = [self.run_config(p).lora.rank for p in range(self.clients)] or [self.run_config().lora.rank]
+        return max(ranks)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()))
+    return out
+
+
+def load_fed_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FedConfig:
+    """Read a federation YAML, apply ``a.b=c`` overrides, validate everything (the clients' recipe too)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"federation config {str(p)!r} does not exist",
+                              hint="give a YAML file, e.g. configs/fed/tiny-sim.yaml")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"federation config {str(p)!r} must hold a mapping")
+        if data.get("base") and not Path(data["base"]).is_absolute():
+            # a base path is relative to the repository root or cwd first, then to the YAML itself
+            if not Path(data["base"]).is_file() and (p.parent / data["base"]).is_file():
+                data["base"] = str(p.parent / data["base"])
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(data, key, value)
+    try:
+        fed = FedConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"the federation config{f' in {path}' if path else ''} is not valid",
+                          _format_errors(exc)) from None
+    fed.run_config()  # the clients' recipe must validate too, before anything starts
+    for pid in fed.client_overrides:
+        fed.run_config(pid)
+    return fed

@@ -1,0 +1,191 @@
+"""Live figures of a federation: MLflow (a parent run, a child run per client) and Prometheus (lowres_fed_*).
+
+The server calls it at round edges and per reply; nothing here runs in a client. Counters are cumulative
+(``lowres_fed_bytes_*_total``), exported as counters, so ``rate()`` works across scrapes. A background
+thread turns a client silent for ``offline_after_s`` into ``lowres_fed_client_up 0``; the alert rules and
+dashboards read that and ``lowres_fed_client_last_report_timestamp_seconds``.
+
+MLflow keys: ``fed/...`` on the parent run (step = round), ``fed/client/...`` on each child run. Tracking
+never kills a federation (DESIGN rule 8): a failing MLflow write is counted and reported at the end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from profiler.reading import Sample
+
+
+class FedMonitor:
+    """See the module docstring. ``close()`` ends the runs and stops the exporter."""
+
+    def __init__(self, federation: str, *, mlflow: bool = True, tracking_uri: str | None = None,
+                 experiment: str = "lowres-fed", prometheus_port: int | None = None, offline_after_s: float = 120.0,
+                 params: dict | None = None, console: Any = None):
+        self.federation, self.offline_after_s, self.console = federation, offline_after_s, console
+        self.failures = 0  # failed tracking writes
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._last_report: dict[str, float] = {}
+        self._counters: dict[tuple[str, str], float] = {}
+        self.children: dict[str, str] = {}
+        self.run_id = self.tracking_uri = None
+        self.exporter = None
+        if prometheus_port is not None:
+            from profiler.sinks.prometheus import PrometheusExporter
+
+            self.exporter = PrometheusExporter(prometheus_port, labels={"federation": federation})
+        if mlflow:
+            self._safe(self._start_parent, experiment, tracking_uri, params or {})
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._watch_offline, name="fed-offline", daemon=True)
+        self._watch.start()
+
+    # ------------------------------------------------------------------ MLflow
+    def _start_parent(self, experiment: str, tracking_uri: str | None, params: dict) -> None:
+        from lowres.tracking import log_params, start_run
+
+        handle = start_run(experiment, run_name=self.federation, tracking_uri=tracking_uri, config=params,
+                           tags={"lowres.command": "fed", "lowres.federation": self.federation})
+        self.run_id, self.tracking_uri = handle.run_id, handle.tracking_uri
+        self.experiment = experiment
+        log_params(self.run_id, params, self.tracking_uri)
+
+    def _child(self, client: str) -> str | None:
+        if self.run_id is None:
+            return None
+        if client not in self.children:
+            from lowres.tracking import start_run
+
+            handle = start_run(self.experiment, run_name=f"{self.federation}/{client}", tracking_uri=self.tracking_uri,
+                               tags={"mlflow.parentRunId": self.run_id, "lowres.command": "fed-client",
+                                     "lowres.federation": self.federation, "lowres.client": client})
+            self.children[client] = handle.run_id
+        return self.children[client]
+
+    def _log(self, run_id: str | None, metrics: dict[str, float], step: int) -> None:
+        if run_id is None or not metrics:
+            return
+        from lowres.tracking import log_metrics
+
+        log_metrics(run_id, metrics, step, tracking_uri=self.tracking_uri)
+
+    def _safe(self, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:  # instrumentation never kills a run; counted, reported at close
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return None
+
+    # ------------------------------------------------------------------ Prometheus
+    def _write(self, name: str, value: float, client: str | None = None) -> None:
+        if self.exporter is None:
+            return
+        labels = (("client", client),) if client else ()
+        self._safe(self.exporter.write, [Sample(time.time(), name, float(value), labels)])
+
+    def _add(self, name: str, client: str, amount: float) -> float:
+        with self._lock:
+            total = self._counters[(name, client)] = self._counters.get((name, client), 0.0) + amount
+        self._write(name, total, client)
+        return total
+
+    def _watch_offline(self) -> None:
+        while not self._stop.wait(1.0):
+            now = time.time()
+            with self._lock:
+                seen = dict(self._last_report)
+            for client, ts in seen.items():
+                self._write("lowres_fed_client_up", 1.0 if now - ts < self.offline_after_s else 0.0, client)
+
+    def is_up(self, client: str) -> bool:
+        """Whether ``client`` replied within the offline timeout."""
+        with self._lock:
+            ts = self._last_report.get(client)
+        return ts is not None and time.time() - ts < self.offline_after_s
+
+    # ------------------------------------------------------------------ events
+    def round_started(self, rnd: int) -> None:
+        self._write("lowres_fed_round", rnd)
+
+    def sent(self, client: str, nbytes: int) -> None:
+        self._add("lowres_fed_bytes_sent_total", client, nbytes)
+
+    def unanswered(self, client: str, nbytes: int) -> None:
+        """Bytes sent to a client that never replied: the node may never have pulled them, so a link-level
+        counter (Flower's per-run traffic) can be lower by up to this much."""
+        with self._lock:
+            key = ("unanswered", client)
+            self._counters[key] = self._counters.get(key, 0.0) + nbytes
+
+    def received(self, client: str, nbytes: int) -> None:
+        """Bytes of a small control reply (the identity query), counted but not a round's report."""
+        self._add("lowres_fed_bytes_received_total", client, nbytes)
+
+    def reply(self, rnd: int, client: str, nbytes: int, metrics: dict[str, float], kind: str = "train") -> None:
+        """A client's reply arrived: its bytes, its figures, its liveness. ``kind="evaluate"`` (the final
+        federated eval) logs under ``fed/client/final_*`` so it does not mix with the round's train figures."""
+        now = time.time()
+        with self._lock:
+            self._last_report[client] = now
+        self._add("lowres_fed_bytes_received_total", client, nbytes)
+        self._write("lowres_fed_client_last_report_timestamp_seconds", now, client)
+        self._write("lowres_fed_client_up", 1.0, client)
+        for key, name in (("train_seconds", "lowres_fed_client_train_seconds"),
+                          ("peak_rss_bytes", "lowres_fed_client_peak_memory_bytes"),
+                          ("cpu_utilization_ratio", "lowres_fed_client_cpu_utilization_ratio")):
+            if key in metrics:
+                self._write(name, metrics[key], client)
+        child = self._safe(self._child, client)
+        prefix = "fed/client/" if kind == "train" else "fed/client/final_"
+        self._safe(self._log, child, {f"{prefix}{k}": v for k, v in metrics.items()} | {f"{prefix}bytes_up": nbytes},
+                   rnd)
+
+    def failure(self, rnd: int, client: str, reason: str, rejected: bool = False) -> None:
+        """A client failed this round (error, timeout) or its update was rejected."""
+        self._add("lowres_fed_client_failures_total", client, 1)
+        if rejected:
+            self._add("lowres_fed_updates_rejected_total", client, 1)
+        child = self._safe(self._child, client)
+        self._safe(self._log, child, {"fed/client/failed": 1.0, "fed/client/rejected": float(rejected)}, rnd)
+        if self.console is not None:
+            self.console.print(f"round {rnd}: {client} {'rejected' if rejected else 'failed'}: {reason}",
+                               highlight=False)
+
+    def round_done(self, rnd: int, figures: dict[str, float]) -> None:
+        """The round's figures (``fed/...`` in MLflow; the gauges in Prometheus)."""
+        for key, name in (("round_seconds", "lowres_fed_round_seconds"), ("clients_accepted", "lowres_fed_clients_accepted"),
+                          ("central_eval_loss", "lowres_fed_eval_loss"),
+                          ("federated_eval_loss", "lowres_fed_federated_eval_loss")):
+            if key in figures:
+                self._write(name, figures[key])
+        self._safe(self._log, self.run_id, {f"fed/{k}": v for k, v in figures.items()}, rnd)
+
+    def totals(self) -> dict[str, float]:
+        """Bytes sent and received over the whole federation, all clients and message kinds, and the part of
+        the sent bytes that went to clients which never answered."""
+        with self._lock:
+            items = list(self._counters.items())
+        return {"bytes_sent_total": sum(v for (n, _), v in items if n == "lowres_fed_bytes_sent_total"),
+                "bytes_received_total": sum(v for (n, _), v in items if n == "lowres_fed_bytes_received_total"),
+                "bytes_sent_unanswered_total": sum(v for (n, _), v in items if n == "unanswered")}
+
+    def close(self, status: str = "FINISHED", step: int = 0) -> None:
+        """Log the byte totals (``fed/bytes_*_total`` at ``step``), end the runs, stop the exporter."""
+        self._stop.set()
+        self._watch.join(timeout=2)
+        self._safe(self._log, self.run_id, {f"fed/{k}": v for k, v in self.totals().items()}, step)
+        if self.run_id is not None:
+            from lowres.tracking import end_run
+
+            for child in self.children.values():
+                self._safe(end_run, child, status, self.tracking_uri)
+            self._safe(end_run, self.run_id, status, self.tracking_uri)
+        if self.exporter is not None:
+            self.exporter.close()
+        if self.failures and self.console is not None:
+            self.console.print(f"warning: {self.failures} tracking writes failed (last: {self.last_error})",
+                               highlight=False)

@@ -1,0 +1,275 @@
+"""The server's side of a federation as plain functions over a Flower ``Grid``: prepare, then rounds.
+
+    prep = prepare(fed)                  # preparation.py: partitions, tokenizer, central eval set, initial/resumed global
+    result = run_rounds(grid, fed, prep, monitor)
+
+Why our own round loop rather than ``flwr.serverapp.strategy.FedAvg.start``: each client gets its own payload
+(the global cut to its rank), replies are screened before averaging, byte counters are summed rather than
+averaged, and every wait is bounded — Flower's ``sample_nodes`` waits forever for ``min_available_nodes``.
+The aggregation rules themselves live in ``strategy.py`` as pure functions.
+
+A round: wait (bounded) for nodes → ask new nodes who they are (partition, rank; a small QUERY message) →
+send each sampled node the global adapter at its rank, encoded by the downlink codec → collect replies until
+``round_timeout_s`` → record errors and silent nodes as failures → decode and screen updates (NaN/Inf, shapes,
+norm) → FedAvg the accepted ones if there are at least ``min_clients`` (else the global stays) → save the
+global adapter (safetensors) → centralised eval. After the last round one EVALUATE message per node gives the
+federated eval loss of the final adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lowres.errors import LowresError
+from lowres.federated.compression import encode
+from lowres.federated.config import FedConfig
+from lowres.federated.global_state import save_global
+from lowres.federated.preparation import Prepared, central_eval, prepare
+from lowres.federated.strategy import Update, aggregate, screen, sum_metrics, truncate_to_rank
+from lowres.federated.wire import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, content_bytes, from_arrayrecord,
+                                   to_arrayrecord)
+
+
+class FederationError(LowresError):
+    """A federation that cannot go on (no nodes, every round failed)."""
+
+    exit_code = 1
+
+
+@dataclass
+class FedResult:
+    rounds: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    final_eval: dict = field(default_factory=dict)
+    global_path: str | None = None
+    clients: dict[int, dict] = field(default_factory=dict)
+    run_id: str | None = None  # the MLflow parent run
+    children: dict[str, str] = field(default_factory=dict)  # client → MLflow child run
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def wait_for_nodes(grid: Any, minimum: int, timeout_s: float) -> list[int]:
+    """Connected node ids once at least ``minimum`` are there; FederationError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(nodes)} of the {minimum} nodes needed connected within {timeout_s:g} s",
+                                  hint="start more SuperNodes, or lower robustness.min_available")
+        time.sleep(0.5)
+
+
+def _message(content: Any, node: int, kind: str):
+    from flwr.app import Message, MessageType
+
+    return Message(content=content, dst_node_id=node, message_type=getattr(MessageType, kind))
+
+
+def identify(grid: Any, nodes: list[int], config: dict, timeout_s: float, monitor: Any) -> dict[int, dict]:
+    """Ask nodes who they are: {node: {"partition_id", "rank", "client"}} for those that answered. The query
+    carries the federation's config, from which (and its own node config) a client knows its rank."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    content = RecordDict({CONFIG_KEY: ConfigRecord(config)})
+    down = content_bytes(content)
+    msgs = [_message(content, n, "QUERY") for n in nodes]
+    out = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout_s):
+        if reply.has_error():
+            continue
+        m = reply.content[METRICS_KEY]
+        pid, node = int(m["partition_id"]), reply.metadata.src_node_id
+        out[node] = {"partition_id": pid, "rank": int(m["rank"]), "client": client_name(pid, node)}
+        monitor.sent(out[node]["client"], down)
+        monitor.received(out[node]["client"], content_bytes(reply.content))
+    return out
+
+
+def client_name(partition_id: int, node_id: int) -> str:
+    """The Prometheus/MLflow name of a client: its partition in simulation, its node id otherwise."""
+    return f"client-{partition_id:02d}" if partition_id >= 0 else f"node-{node_id}"
+
+
+def train_config(fed: FedConfig, prep: Prepared, rnd: int) -> dict:
+    """What every client needs besides the weights (its own overrides it picks by partition id)."""
+    return {"round": rnd, "local_steps": fed.local_steps, "federation": fed.federation,
+            "run_config": fed.run_config().model_dump_json(),
+            "client_overrides": json.dumps({str(k): v for k, v in fed.client_overrides.items()}),
+            "fed_dir": str(prep.fed_dir.resolve()), "tokenizer_dir": prep.tokenizer_dir or "",
+            "codec_up": fed.compression.up, "error_feedback": fed.compression.error_feedback,
+            "fedprox_mu": float(fed.strategy.fedprox_mu)}
+
+
+def _payload(tensors: dict[str, np.ndarray], rank: int, codec: str, config: dict):
+    from flwr.app import ConfigRecord, RecordDict
+
+    parts = encode(truncate_to_rank(tensors, rank), codec)
+    return RecordDict({ARRAYS_KEY: to_arrayrecord(parts), CONFIG_KEY: ConfigRecord(config)})
+
+
+# ---------------------------------------------------------------------------------------------- rounds
+def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console: Any = None) -> FedResult:
+    """Rounds ``prep.start_round`` … ``fed.rounds``, then the federated eval of the final adapter."""
+    from lowres.federated.compression import decode
+
+    rb, result = fed.robustness, FedResult()
+    known: dict[int, dict] = {}
+    tensors = prep.global_tensors
+    max_rank = max(x.shape[0] for n, x in tensors.items() if "lora_A" in n)
+    say = console.print if console is not None else (lambda *a, **k: None)
+    for rnd in range(prep.start_round, fed.rounds + 1):
+        t0 = time.perf_counter()
+        monitor.round_started(rnd)
+        # min_available gates the start; later rounds go on with whoever is left, as long as that can reach
+        # min_clients (Flower drops a hard-killed node from the list only ~60 s later, so it may still be
+        # sampled once more: its missing reply is then a recorded failure, not a stall)
+        need = rb.min_available if rnd == prep.start_round else rb.min_clients
+        nodes = wait_for_nodes(grid, need, rb.wait_nodes_s)
+        new = [n for n in nodes if n not in known]
+        if new:
+            known.update(identify(grid, new, train_config(fed, prep, rnd), min(rb.round_timeout_s, 60.0),
+                                   monitor))
+        nodes = [n for n in nodes if n in known]
+        sample = _sample(nodes, rb.fraction, rb.min_available, rnd, fed.partition.seed)
+        config = train_config(fed, prep, rnd)
+        messages, sent = [], {}
+        for n in sample:
+            content = _payload(tensors, min(known[n]["rank"], max_rank), fed.compression.down, config)
+            sent[n] = content_bytes(content)
+            monitor.sent(known[n]["client"], sent[n])
+            messages.append(_message(content, n, "TRAIN"))
+        replies = list(grid.send_and_receive(messages, timeout=rb.round_timeout_s))
+
+        updates, metrics, weights, failed, up_bytes = [], [], [], [], 0
+        answered = set()
+        for reply in replies:
+            n = reply.metadata.src_node_id
+            answered.add(n)
+            who = known[n]["client"]
+            if reply.has_error():
+                failed.append({"round": rnd, "client": who, "reason": f"error: {reply.error.reason}"})
+                continue
+            nbytes = content_bytes(reply.content)
+            up_bytes += nbytes
+            m = dict(reply.content[METRICS_KEY])
+            m["bytes_up"], m["bytes_down"] = float(nbytes), float(sent[n])
+            monitor.reply(rnd, who, nbytes, m)
+            try:
+                delta = decode(from_arrayrecord(reply.content[ARRAYS_KEY]))
+            except (ValueError, KeyError) as exc:
+                failed.append({"round": rnd, "client": who, "reason": f"undecodable update: {exc}", "rejected": True})
+                continue
+            updates.append(Update(who, delta, int(m.get("num_examples", 0)), int(m.get("rank", 0))))
+            metrics.append(m)
+            weights.append(float(m.get("num_examples", 0)))
+        for n in sample:
+            if n not in answered:
+                monitor.unanswered(known[n]["client"], sent[n])
+                failed.append({"round": rnd, "client": known[n]["client"],
+                               "reason": f"no reply within {rb.round_timeout_s:g} s (node gone or too slow)"})
+        ok, rejected = screen(updates, tensors, fed.strategy.norm_factor)
+        failed += [{"round": rnd, "client": r.client, "reason": r.reason, "rejected": True} for r in rejected]
+        for f in failed:
+            monitor.failure(rnd, f["client"], f["reason"], rejected=f.get("rejected", False))
+        if len(ok) >= rb.min_clients:
+            tensors = aggregate(tensors, ok)
+            status = "aggregated"
+        else:
+            status = f"kept the global adapter: {len(ok)} accepted updates < min_clients={rb.min_clients}"
+            say(f"round {rnd}: {status}", highlight=False)
+        path = save_global(prep.fed_dir / "global", rnd, tensors, {"federation": fed.federation, "rank": max_rank})
+        accepted = {id(u) for u in ok}
+        ok_metrics = [m for m, u in zip(metrics, updates) if id(u) in accepted]
+        agg = sum_metrics(ok_metrics, [float(m.get("num_examples", 0)) for m in ok_metrics]) if ok_metrics else {}
+        figures = {"round_seconds": time.perf_counter() - t0, "bytes_down": float(sum(sent.values())),
+                   "bytes_up": float(up_bytes), "clients_sampled": float(len(sample)),
+                   "clients_replied": float(len(updates)), "clients_accepted": float(len(ok)),
+                   "clients_rejected": float(len(rejected)), "clients_failed": float(len(failed)),
+                   **{f"train_{k}" if not k.startswith("train_") else k: v for k, v in agg.items()
+                      if k in ("train_loss", "train_seconds", "peak_rss_bytes", "tokens_per_second")}}
+        loss = central_eval(prep, tensors)
+        if loss is not None:
+            figures["central_eval_loss"] = loss
+        if "eval_loss_before" in agg:
+            # clients evaluate the global they receive: the previous round's adapter on their own eval data
+            monitor.round_done(rnd - 1, {"federated_eval_loss": agg["eval_loss_before"]})
+        monitor.round_done(rnd, figures)
+        result.rounds.append({"round": rnd, "status": status, **figures, "failures": failed})
+        result.failures += failed
+        result.global_path = str(path)
+        say(f"round {rnd}/{fed.rounds}: {len(ok)}/{len(sample)} updates averaged, "
+            f"{figures['bytes_down'] / 1e3:.1f} kB down, {figures['bytes_up'] / 1e3:.1f} kB up, "
+            f"{figures['round_seconds']:.1f} s" + (f", central eval loss {loss:.4f}" if loss is not None else ""),
+            highlight=False)
+    # the final eval goes to the nodes that answered the last round: a dead one would only cost a timeout
+    last = {n: v for n, v in known.items() if n in answered} if prep.start_round <= fed.rounds else known
+    result.final_eval = federated_eval(grid, fed, prep, tensors, last, monitor)
+    result.clients = known
+    prep.global_tensors = tensors
+    return result
+
+
+def federated_eval(grid: Any, fed: FedConfig, prep: Prepared, tensors: dict[str, np.ndarray],
+                   known: dict[int, dict], monitor: Any) -> dict:
+    """The final global adapter on each connected client's own eval data; sample-weighted mean."""
+    nodes = [n for n in grid.get_node_ids() if n in known]
+    config = train_config(fed, prep, fed.rounds)
+    messages, sent = [], {}
+    for n in nodes:
+        content = _payload(tensors, known[n]["rank"], fed.compression.down, config)
+        sent[n] = content_bytes(content)
+        monitor.sent(known[n]["client"], sent[n])
+        messages.append(_message(content, n, "EVALUATE"))
+    losses, weights = [], []
+    replies = list(grid.send_and_receive(messages, timeout=fed.robustness.round_timeout_s))
+    for n in set(nodes) - {r.metadata.src_node_id for r in replies}:
+        monitor.unanswered(known[n]["client"], sent[n])
+    for reply in replies:
+        if reply.has_error():
+            continue
+        m = reply.content[METRICS_KEY]
+        monitor.reply(fed.rounds, known[reply.metadata.src_node_id]["client"], content_bytes(reply.content), dict(m),
+                      kind="evaluate")
+        if "eval_loss" in m and m["num_examples"] > 0:
+            losses.append(float(m["eval_loss"]))
+            weights.append(float(m["num_examples"]))
+    out = {"clients": len(losses)}
+    if losses:
+        out["federated_eval_loss"] = float(np.average(losses, weights=weights))
+        monitor.round_done(fed.rounds, {"federated_eval_loss": out["federated_eval_loss"]})
+    return out
+
+
+def _sample(nodes: list[int], fraction: float, minimum: int, rnd: int, seed: int) -> list[int]:
+    """A seeded sample of ``fraction`` of the nodes (at least ``minimum``, at most all)."""
+    k = min(len(nodes), max(minimum, int(round(fraction * len(nodes)))))
+    rng = np.random.default_rng([seed, rnd])
+    return sorted(rng.choice(nodes, size=k, replace=False).tolist()) if k < len(nodes) else list(nodes)
+
+
+def run_federation(grid: Any, fed: FedConfig, console: Any = None, prep: Prepared | None = None) -> FedResult:
+    """prepare → rounds → close the tracking, for one ServerApp run (simulation or deployment)."""
+    from lowres.federated.monitor import FedMonitor
+
+    prep = prep or prepare(fed)
+    t = fed.tracking
+    monitor = FedMonitor(fed.federation, mlflow=t.mlflow, tracking_uri=t.mlflow_uri, experiment=t.experiment,
+                         prometheus_port=t.prometheus_port, offline_after_s=t.offline_after_s,
+                         params=fed.model_dump(mode="json"), console=console)
+    status = "FAILED"
+    try:
+        result = run_rounds(grid, fed, prep, monitor, console)
+        result.run_id, result.children = monitor.run_id, dict(monitor.children)
+        status = "FINISHED"
+        return result
+    finally:
+        monitor.close(status, step=fed.rounds)
+        if prep.central is not None:
+            prep.central.cleanup()
