@@ -35,6 +35,9 @@ COMMANDS = [
     ("train", "export", "export"),
     ("sync", "sync", "sync"),
     ("dash", "dash", "dash"),
+    ("bench", "bench", "bench"),
+    ("bench", "compare", "compare"),
+    ("bench", "regress", "regress"),
 ]
 
 for _module, _name, _func in COMMANDS:

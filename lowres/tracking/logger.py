@@ -24,7 +24,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from lowres.tracking import runs, spool
 from profiler.sinks.mlflow import resolve_tracking_uri
@@ -106,7 +106,12 @@ class SpoolingLogger:
     def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> bool:
         """Log ``{key: value}`` at ``step`` in one request (MLflow takes up to 1000 per batch)."""
         ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
-        points = [(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        return self.log_points([(k, v, ts, step) for k, v in metrics.items()])
+
+    def log_points(self, points: Sequence[tuple[str, float, int, int]]) -> bool:
+        """Log ``(key, value, timestamp ms, step)`` points of any number of steps in one request (at most 1000,
+        MLflow's limit): the recipe's metrics thread sends many steps at once this way."""
+        points = [(k, float(v), int(t), int(s)) for k, v, t, s in points]
         records = [spool.metric_record(self.run_id, k, v, t, s, self.tracking_uri) for k, v, t, s in points]
         return self._deliver(records, lambda: self._log_batch(metrics=points))
 

@@ -69,7 +69,7 @@ class Recipe:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.out = Path(cfg.output_dir)
         self.step, self.history, self.run_id = 0, [], None
-        self.prof = self.logger = None
+        self.prof = self.logger = self.tracker = None
         self._last_checkpoint: Path | None = None
         self._eval: dict | None = None
 
@@ -117,9 +117,9 @@ class Recipe:
         tokens = cfg.train.batch_size * cfg.data.max_length
         self.roofline = roofline(self.loc.spec, self.precision.compute_dtype, tokens,
                                  fingerprint=self.hw.fingerprint, device=self.device)
+        self._write_run_files()  # first: the MLflow run logs config.yaml from the output dir
         self._start_tracking(run_id)
         self._start_profiler()
-        self._write_run_files()
         return self
 
     def _find_checkpoint(self) -> Path | None:
@@ -152,32 +152,86 @@ class Recipe:
         return tokenizer, source
 
     def _start_tracking(self, run_id: str | None) -> None:
+        """The MLflow run (new, or the checkpoint's on resume) and the per-step metrics thread.
+
+        Nothing here stops a run when the server is away: a new run becomes a pending local run, and every
+        figure the server cannot take (params, config, metrics, artifacts, the end) is spooled for
+        ``lowres sync`` by the SpoolingLogger ``self.tracker``.
+        """
         if not self.cfg.tracking.mlflow:
             return
-        from lowres.tracking import log_params, log_text, max_logged_step, start_run
-        from lowres.tracking.runs import client
+        from lowres.tracking.logger import SpoolingLogger
+        from lowres.tracking.runs import TAG_CONFIG_HASH
         from lowres.train.metrics_log import StepMetricsLogger
 
         t = self.cfg.tracking
-        tags = {"weights": self.info["weights_source"], "lowres.command": "train"}
-        handle = start_run(t.experiment, run_name=t.run_name, run_id=run_id, tracking_uri=t.mlflow_uri,
-                           fingerprint=self.hw.fingerprint, tier=self.hw.tier,
-                           config=self.cfg.model_dump(mode="json"), tags=tags)
-        self.run_id, self.tracking_uri = handle.run_id, handle.tracking_uri
+        # The run's config hash is the checkpoint's: what determines results, not where a run writes or logs,
+        # so benchmark runs with different output dirs or run names stay comparable (lowres regress).
+        tags = {"weights": self.info["weights_source"], "lowres.command": "train", TAG_CONFIG_HASH: self.config_hash}
+        kw = dict(fingerprint=self.hw.fingerprint, tier=self.hw.tier, config=self.cfg.model_dump(mode="json"),
+                  tags=tags)
+        if run_id is None:
+            self.tracker = SpoolingLogger.start(t.experiment, run_name=t.run_name, tracking_uri=t.mlflow_uri,
+                                                **kw)
+            resumed = False
+        else:
+            self.tracker, resumed = self._resume_tracking(run_id, kw)
+        self.run_id, self.tracking_uri = self.tracker.run_id, self.tracker.tracking_uri
+        skip = self._logged_steps() if resumed else {}
+        if not resumed:
+            self.tracker.log_params({"config": self.cfg.model_dump(mode="json"), "model": {
+                k: self.info[k] for k in ("params_total", "params_trainable", "weights_source", "dtype", "quant")},
+                "mfu": {"flops_per_token": self.flops_per_token,
+                        "roofline_flops_per_s": self.roofline.flops_per_s}})
+            self.tracker.log_artifact(self.out / "config.yaml")
+        self._system_first_step = 1 + max((v for k, v in skip.items() if k.startswith("system/")), default=-1)
+        self.logger = StepMetricsLogger(self.tracker, skip)
+
+    def _resume_tracking(self, run_id: str, kw: dict):
+        """(SpoolingLogger, resumed on the server?) for the checkpoint's run ``run_id``.
+
+        A run that began while the server was down has a local id; once ``lowres sync`` has created it, its
+        pending record names the server's id and the run continues there. If the server cannot be reached now,
+        the figures are spooled under the id the run has; sync drops any step the server already holds.
+        """
+        from lowres.tracking import runs, spool
+        from lowres.tracking.logger import SpoolingLogger
+
+        t = self.cfg.tracking
+        if spool.is_local_run_id(run_id):
+            pending = spool.read_pending_runs(spool.default_spool_dir()).get(run_id)
+            run_id = (pending[1].get("server_run_id") if pending else None) or run_id
+        tracker = SpoolingLogger(run_id, t.mlflow_uri)
+        if tracker.pending:
+            return tracker, False
+        try:
+            from lowres.tracking.logger import server_alive
+
+            http = tracker.tracking_uri.startswith(("http://", "https://"))
+            if http and not server_alive(tracker.tracking_uri, tracker.timeout_s):
+                raise ConnectionError(f"{tracker.tracking_uri}/health did not answer")
+            runs.start_run(t.experiment, run_id=run_id, tracking_uri=tracker.tracking_uri, **kw)
+            return tracker, True
+        except Exception as exc:  # the server is away: tags wait in the spool like every other figure
+            tracker.set_tags({**runs.standard_tags(fingerprint=kw["fingerprint"], tier=kw["tier"],
+                                                   config=kw["config"]), **kw["tags"]})
+            self.console.print(f"note: MLflow is unreachable ({type(exc).__name__}); run {run_id} continues "
+                               "with its figures spooled", highlight=False)
+            return tracker, False
+
+    def _logged_steps(self) -> dict[str, int]:
+        """Per key, the last step the resumed run holds on the server: those are not sent again."""
+        from lowres.tracking.runs import client, max_logged_step
+
         skip: dict[str, int] = {}
-        if handle.resumed:  # steps the run already holds are recomputed identically: don't send them twice
+        try:
             for key in client(self.tracking_uri).get_run(self.run_id).data.metrics:
                 last = max_logged_step(self.run_id, key, self.tracking_uri)
                 if last is not None:
                     skip[key] = last
-        else:
-            log_params(self.run_id, {"config": self.cfg.model_dump(mode="json"), "model": {
-                k: self.info[k] for k in ("params_total", "params_trainable", "weights_source", "dtype", "quant")},
-                "mfu": {"flops_per_token": self.flops_per_token,
-                        "roofline_flops_per_s": self.roofline.flops_per_s}}, self.tracking_uri)
-            log_text(self.run_id, self.cfg.to_yaml(), "config.yaml", self.tracking_uri)
-        self._system_first_step = 1 + max((v for k, v in skip.items() if k.startswith("system/")), default=-1)
-        self.logger = StepMetricsLogger(self.run_id, self.tracking_uri, skip)
+        except Exception:  # unreachable now: send everything; sync skips the steps the server already has
+            return {}
+        return skip
 
     def _start_profiler(self) -> None:
         t = self.cfg.tracking
@@ -306,12 +360,9 @@ class Recipe:
         """The adapter beside config.yaml and tokenizer/; all three logged to the MLflow run."""
         adapter = self.out / "adapter"
         self.model.save_pretrained(str(adapter), safe_serialization=True)
-        if self.run_id:
-            from lowres.tracking.runs import client
-
-            c = client(self.tracking_uri)
-            c.log_artifacts(self.run_id, str(adapter), "adapter")
-            c.log_artifacts(self.run_id, str(self.out / "tokenizer"), "tokenizer")
+        if self.tracker is not None:  # folders become artifacts adapter/… and tokenizer/…
+            self.tracker.log_artifact(adapter)
+            self.tracker.log_artifact(self.out / "tokenizer")
 
     # ------------------------------------------------------------------ cleanup
     def _result(self, stopped_by: str) -> TrainResult:
@@ -336,15 +387,21 @@ class Recipe:
             self.prof = None
         if self.logger is not None:
             self.logger.close()
-            if self.logger.failures:
-                self.console.print(f"warning: {self.logger.failures} MLflow writes failed "
-                                   f"(last: {self.logger.last_error})", highlight=False)
-            self.logger = None
-        if self.run_id:
-            from lowres.tracking import end_run
-
-            end_run(self.run_id, status, self.tracking_uri)
+        if self.tracker is not None:
+            self.tracker.end(status)
+            self._report_spooled()
+        self.logger = self.tracker = None
         return summary
+
+    def _report_spooled(self) -> None:
+        """Say, once at the end, what waits in the spool and how to upload it."""
+        t, points = self.tracker, self.logger.spooled_points if self.logger else 0
+        if not t.spooled:
+            return
+        why = "the run was started while it was unreachable" if t.pending else f"last error: {t.last_error}"
+        self.console.print(f"warning: MLflow at {t.tracking_uri} did not take everything ({why}); {points} metric "
+                           f"points and {t.spooled - points} other records of run {t.run_id} are spooled in "
+                           f"{t.spool_dir} — run `lowres sync` when the server is back", highlight=False)
 
 
 def run(cfg: RunConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
