@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lowres.models import load_spec
-from lowres.train.mfu import gemm_shapes, mfu, roofline, train_flops_per_token
+from lowres.train.mfu import gemm_shapes, mfu, raise_to_achieved, roofline, train_flops_per_token
 
 
 def test_flops_per_token_of_smollm2_135m():
@@ -36,3 +36,21 @@ def test_roofline_is_measured_once_and_cached_by_key(tmp_path):
 def test_mfu_arithmetic():
     assert mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
     assert mfu(1.0, 1.0, 0.0) != mfu(1.0, 1.0, 0.0)  # nan when the peak is unknown
+
+
+def test_a_roofline_below_an_achieved_rate_is_raised_so_mfu_stays_at_most_one(tmp_path):
+    """A roofline measured while the machine was busy can be lower than what a later run achieves."""
+    path = tmp_path / "roofline.json"
+    spec = load_spec("tiny")
+    low = roofline(spec, "fp32", 64, fingerprint="fp-test", path=path, budget_s=0.2)
+    import dataclasses
+
+    stale = dataclasses.replace(low, flops_per_s=1.0)  # as if measured under heavy contention
+    achieved = 5e6
+    new = raise_to_achieved(stale, achieved, fingerprint="fp-test", path=path, budget_s=0.2)
+    assert new.flops_per_s >= achieved
+    assert mfu(achieved / 1000, 1000, new.flops_per_s) <= 1.0
+    cached = roofline(spec, "fp32", 64, fingerprint="fp-test", path=path)
+    assert cached.source == "cache" and cached.flops_per_s == pytest.approx(new.flops_per_s)
+    # a roofline that holds is returned unchanged, without measuring
+    assert raise_to_achieved(new, new.flops_per_s / 2, fingerprint="fp-test", path=path) is new

@@ -138,6 +138,25 @@ def roofline(spec: Any, dtype: str, tokens: int, *, fingerprint: str | None = No
     return result
 
 
+def raise_to_achieved(result: RooflineResult, achieved_flops_per_s: float, *, fingerprint: str,
+                      device: str = "cpu", path: Path | None = None, budget_s: float = 3.0) -> RooflineResult:
+    """A roofline below what a run just achieved was measured while the machine was busy (shared machines):
+    measure again now and keep the larger of the new figure and the achieved rate — itself a proven lower
+    bound of the peak — in the cache, so MFU never reads above 100 %. Returns ``result`` when it holds."""
+    if achieved_flops_per_s <= result.flops_per_s:
+        return result
+    measured = measure_gemm_flops(result.shapes, result.dtype, device, budget_s)
+    new = RooflineResult(flops_per_s=max(measured, achieved_flops_per_s), dtype=result.dtype,
+                         threads=result.threads, shapes=result.shapes,
+                         source="re-measured" if measured >= achieved_flops_per_s else "raised to an achieved rate",
+                         measured_at=time.time())
+    path = path or cache_path()
+    cache = _read_cache(path)
+    cache[_cache_key(f"{fingerprint}:{device}", result.dtype, result.threads, result.shapes)] = asdict(new)
+    _write_cache(path, cache)
+    return new
+
+
 def _read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())

@@ -29,7 +29,7 @@ from lowres.config import RunConfig
 from lowres.train import checkpoint as ckpt
 from lowres.train.evaluation import autocast_context, evaluate
 from lowres.train.loss import IGNORE_INDEX, causal_lm_loss, shift_labels
-from lowres.train.mfu import mfu, roofline, train_flops_per_token
+from lowres.train.mfu import mfu, raise_to_achieved, roofline, train_flops_per_token
 from lowres.train.optim import build_optimizer, build_scheduler, check_optimizer
 from lowres.train.progress import TrainProgress, stop_on_signals
 from lowres.train.timing import PHASES, PhaseTimer
@@ -369,6 +369,9 @@ class Recipe:
         timed = self.history[self.cfg.train.warmup_ignore_steps:] or self.history
         mean = (lambda k: statistics.fmean(r[k] for r in timed)) if timed else (lambda k: None)
         tps = (sum(r["tokens"] for r in timed) / sum(r["step_seconds"] for r in timed)) if timed else None
+        if tps is not None and tps * self.flops_per_token > self.roofline.flops_per_s:
+            self.roofline = raise_to_achieved(self.roofline, tps * self.flops_per_token,
+                                              fingerprint=self.hw.fingerprint, device=self.device)
         return TrainResult(
             run_id=self.run_id, step=self.step, stopped_by=stopped_by,
             loss=self.history[-1]["loss"] if self.history else None, eval=self._eval,
