@@ -63,8 +63,10 @@ def test_weight_bytes_order_nf4_int8_bf16_fp32(spec, laptop):
     # NF4 with double quantization: 4 bits + 0.127 bits of constants per weight (QLoRA §3)
     n = M.parameter_counts(spec)["linear"]
     assert by[("bf16", "nf4")].memory["weights.linear"] / n == pytest.approx(0.5 + 0.127 / 8, rel=0.01)
-    # embeddings and lm_head are never quantized
-    assert by[("bf16", "nf4")].memory["weights.embeddings"] == by[("bf16", "none")].memory["weights.embeddings"]
+    # embeddings and lm_head are never quantized, and peft's prepare_model_for_kbit_training upcasts them
+    # (and the norms) to fp32 on a quantized base, whatever the compute dtype
+    assert by[("bf16", "nf4")].memory["weights.embeddings"] == by[("fp32", "none")].memory["weights.embeddings"]
+    assert by[("bf16", "nf4")].memory["weights.norms"] == by[("fp32", "none")].memory["weights.norms"]
 
 
 def test_gradient_checkpointing_lowers_activations(spec, laptop):
@@ -106,7 +108,8 @@ def test_unknown_roofline_gives_unknown_step_time(spec, laptop):
     assert est.to_dict()["step_time_s"] is None
     measured = Roofline(fp32_flops=1e11, source="measured")
     known = estimate(spec, laptop, Candidate(compute="fp32"), roofline=measured)
-    assert known.step_time_s == pytest.approx(known.flops_per_step / 1e11)
+    # GEMM FLOPs at the roofline's peak, times the CPU's measured non-GEMM share (lowres.advisor.compute)
+    assert known.step_time_s == pytest.approx(known.flops_per_step / 1e11 * 1.5)
     slower = estimate(spec, laptop, Candidate(compute="fp32"), roofline=measured,
                       calibration=Calibration(time_factor=2.0))
     assert slower.step_time_s == pytest.approx(2 * known.step_time_s)

@@ -56,9 +56,20 @@ def dequant_bytes_per_step(spec: Any, e: int, quant: str, double_quant: bool,
     return float(passes * spec.num_layers * per_layer)
 
 
-def step_seconds(flops: float, dequant_bytes: float, roofline: Any, compute: str) -> float | None:
-    """Time of one micro-batch step on the roofline: FLOPs / peak FLOP/s + dequantisation bytes / bandwidth.
+# Measured step time over GEMM-roofline time on CPU (bench/advisor_accuracy.py, EPYC with AVX512_BF16,
+# 2 threads, tiny and SmolLM2-135M at 1-8k tokens per step): the roofline counts only the GEMM FLOPs at their
+# peak; RMSNorm, SwiGLU, softmax, SDPA, the rank-r LoRA matmuls, casts and the optimizer add ~50 % in fp32
+# and ~170 % in bf16, where the GEMMs run twice as fast but the rest does not (and casts are added).
+# Priors; probes calibrate them per machine.
+CPU_NON_GEMM_FACTOR = {"fp32": 1.5, "bf16": 2.7, "fp16": 2.7}
 
+
+def step_seconds(flops: float, dequant_bytes: float, roofline: Any, compute: str,
+                 quant: str = "none", device: str = "cpu") -> float | None:
+    """Time of one micro-batch step on the roofline: FLOPs / peak FLOP/s + dequantisation bytes / bandwidth,
+    the first times ``CPU_NON_GEMM_FACTOR`` on a CPU.
+
+    The bandwidth is the measured dequantisation rate of ``quant`` where the roofline has one.
     Both are lower bounds on one machine (Williams et al. 2009, "Roofline"); a measured roofline (a large
     matmul and a copy timed on this machine) brings them close, and probes calibrate the rest. None when the
     peak for this dtype is unknown, or when dequantisation is needed and the bandwidth is unknown.
@@ -66,9 +77,12 @@ def step_seconds(flops: float, dequant_bytes: float, roofline: Any, compute: str
     peak = peak_flops(roofline, compute)
     if not peak:
         return None
-    seconds = flops / peak
+    seconds = flops / peak * (CPU_NON_GEMM_FACTOR.get(compute, 1.0) if device == "cpu" else 1.0)
     if dequant_bytes:
-        bandwidth = getattr(roofline, "mem_bandwidth_bytes_s", None)
+        # a measured dequantisation rate (lowres.advisor.calibrate.measure_dequant_rate) beats bandwidth:
+        # bitsandbytes on CPUs runs far below it
+        rate = (getattr(roofline, "dequant_bytes_s", None) or {}).get(quant)
+        bandwidth = rate or getattr(roofline, "mem_bandwidth_bytes_s", None)
         if not bandwidth:
             return None
         seconds += dequant_bytes / bandwidth

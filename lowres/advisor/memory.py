@@ -23,11 +23,19 @@ TARGET_SETS = {
     "all_linear": PROJECTIONS,
 }
 
-# Live-tensor peak → what the OS sees. Measured on this project's CPU machines (issue 4): glibc malloc keeps
-# freed transient buffers in its arenas, so process RSS was 1.75-2x the live-tensor peak; the midpoint is
-# the prior until probes calibrate a machine. For CUDA the caching allocator's reserved/allocated ratio is
-# an assumption (not measured here), also replaced by calibration.
+# Transient-tensor peak → what the OS sees. glibc malloc keeps freed transient buffers (activations, logits,
+# gradients) in its arenas, so RSS grows by more than the transient tensors alive at once. Measured here
+# (EPYC, torch 2.13, tiny and SmolLM2-135M, 0.1-2.5 GB of transients): 1.6-1.9x in fp32 and ~1.4x in bf16
+# (1.8x at the smallest size), where freed blocks of the many equal-sized casts are reused. These are priors until probes
+# calibrate a machine (lowres.advisor.calibrate scales them). For CUDA the caching allocator's
+# reserved/allocated ratio is an assumption (not measured here), also replaced by calibration.
 ALLOCATOR_FACTOR = {"cpu": 1.85, "cuda": 1.10}
+ALLOCATOR_FACTOR_16BIT_CPU = 1.40
+
+
+def allocator_factor(device: str, e: int) -> float:
+    """RSS growth per byte of transient tensors: ``ALLOCATOR_FACTOR[device]``, lower for 16-bit on CPU."""
+    return ALLOCATOR_FACTOR_16BIT_CPU if device == "cpu" and e == 2 else ALLOCATOR_FACTOR[device]
 
 # Memory the runtime holds before any model tensor. CPU: RSS of python + torch 2.13 + transformers 5.23 +
 # peft 0.21 after one tiny training step, measured here at 443 MiB, rounded up. CUDA: context + cuBLAS
@@ -105,14 +113,30 @@ def quantized_linear_bytes(in_features: int, out_features: int, quant: str, e: i
 
 def weight_bytes(spec: Any, e: int, quant: str, double_quant: bool = True) -> dict[str, float]:
     """Frozen base weights by part. Only the block linears are quantized: bitsandbytes replaces nn.Linear
-    layers and transformers skips the lm_head (and what it is tied to), and nn.Embedding is no Linear, so
-    embeddings, lm_head, norms and biases stay in the compute dtype (``e`` bytes each)."""
+    layers and transformers skips the lm_head (and what it is tied to), and nn.Embedding is no Linear.
+    Unquantized, embeddings, lm_head, norms and biases are in the compute dtype (``e`` bytes each). On a
+    quantized base, peft's ``prepare_model_for_kbit_training`` (peft 0.21, utils/other.py) casts every
+    parameter that is not int8/4-bit to fp32 "for stability", so they take 4 bytes each whatever ``e`` is."""
     counts = parameter_counts(spec)
     linear = spec.num_layers * sum(
         quantized_linear_bytes(i, o, quant, e, double_quant) for i, o in linear_shapes(spec).values())
+    rest = e if quant == "none" else 4
     return {"weights.linear": linear,
-            "weights.embeddings": float(counts["embeddings"] * e),
-            "weights.norms": float(counts["norms"] * e)}
+            "weights.embeddings": float(counts["embeddings"] * rest),
+            "weights.norms": float(counts["norms"] * rest)}
+
+
+def quantize_load_bytes(spec: Any, e: int, quant: str) -> float:
+    """The peak RSS (VmHWM) that building a quantized base adds: bitsandbytes packs each linear as the model
+    loads, from a copy in the load dtype, and lowres.models builds a random-init base in full precision,
+    saves it and reloads it quantized — so one full-precision copy of the block linears, L·Σ in·out·e, is
+    resident at the load-time peak (and glibc keeps most of it). Zero unquantized.
+    Measured here (SmolLM2-135M, random-init): int8 over fp32 peaked 420 MiB above the trained-state
+    estimate, nf4 over bf16 200 MiB — its 106M linear weights × 4 B and × 2 B. Loading pretrained shards
+    tensor by tensor may peak lower; probes calibrate it."""
+    if quant == "none":
+        return 0.0
+    return float(parameter_counts(spec)["linear"] * e)
 
 
 def dequant_scratch_bytes(spec: Any, e: int, quant: str) -> float:

@@ -21,6 +21,7 @@ TERM_LABELS = {
     "weights.linear": "weights: block linears",
     "weights.embeddings": "weights: embeddings + lm_head",
     "weights.norms": "weights: norms, biases",
+    "quantize_load": "left by quantizing at load",
     "dequant_scratch": "dequantised weight (scratch)",
     "lora.params": "LoRA parameters (fp32)",
     "lora.grads": "LoRA gradients (fp32)",
@@ -87,8 +88,13 @@ def advise(
 
     spec = load_spec(model)
     hw = load_profile(hardware) if hardware else detect()
-    est = estimate(spec, hw, candidate, headroom=headroom)
-    grid = candidate_grid(spec, hw, candidate, headroom=headroom)
+    # On this machine, what earlier probes (`lowres tune`) measured corrects the estimate; a saved profile of
+    # another machine has no probes.
+    from lowres.advisor.calibrate import load_calibration
+
+    cal = None if hardware else load_calibration(hw.fingerprint, spec.name)
+    est = estimate(spec, hw, candidate, headroom=headroom, calibration=cal)
+    grid = candidate_grid(spec, hw, candidate, headroom=headroom, calibration=cal)
 
     if json_output:
         doc = {"model": spec.name, "parameters": spec.param_count(),

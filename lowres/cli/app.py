@@ -29,6 +29,7 @@ app = typer.Typer(
 COMMANDS = [
     ("hw", "hw", "hw"),
     ("advise", "advise", "advise"),
+    ("tune", "tune", "tune"),
     ("profile", "profile", "profile"),
     ("train", "train", "train"),
     ("train", "eval", "eval_cmd"),

@@ -1,0 +1,122 @@
+"""`lowres tune --auto`: detect the machine, predict, verify by short capped trials, choose, write the
+chosen RunConfig (reasons as comments) and train with it. With no arguments: the `tiny` preset on the
+shipped sample data, so a new user sees it work at once."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+GIB = 1024**3
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str) -> float:
+    """``8GB`` → 8e9, ``8GiB`` → 8·2³⁰, ``512MB``, ``1.5G``; plain numbers are bytes."""
+    from lowres.errors import UsageError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"memory size {text!r} not understood", hint="write it like 8GB, 8GiB or 512MB")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def tune(
+    auto: Annotated[bool, typer.Option("--auto", help="Choose everything automatically (tune has no other mode; the flag states it).")] = False,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model preset, hub id or path (default: tiny).")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Data file/folder (default: the shipped sample).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Start from a run config YAML.")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="fastest, smallest or time:SECONDS.")] = "fastest",
+    memory_budget: Annotated[str | None, typer.Option("--memory-budget", help="e.g. 8GB; default: available RAM.")] = None,
+    effective_batch: Annotated[int | None, typer.Option("--effective-batch", help="Sequences per optimizer step "
+                                                        "(kept through grad accumulation).")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank (default: advised from the data).")] = None,
+    round_budget: Annotated[str | None, typer.Option("--fed-round-budget", help="Federated client: adapter bytes "
+                                                     "per round (down + up), e.g. 5MB; sets the rank.")] = None,
+    headroom: Annotated[float, typer.Option("--headroom", help="Fraction of the budget kept free.")] = 0.10,
+    probe_steps: Annotated[int, typer.Option("--probe-steps", help="Optimizer steps per probe (the first "
+                                             "two are warm-up).")] = 5,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose and write the config, do not train.")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the chosen config.")] = Path("chosen.yaml"),
+    mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Log the search to MLflow.")] = True,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Config override a.b=c (repeatable).")] = None,
+) -> None:
+    """Find the fastest (or smallest) fine-tuning setup that fits this machine, by prediction verified with
+    short memory-capped trials; write it as a commented YAML config, then train with it."""
+    from lowres.advisor.tune import tune as run_tune
+    from lowres.config import load_config
+
+    sets = list(overrides or [])
+    if model:
+        sets.append(f"model.name={model}")
+    if data:
+        sets.append(f"data.path={data}")
+    if seq_len:
+        sets.append(f"data.max_length={seq_len}")
+    if effective_batch:
+        sets += [f"train.batch_size={effective_batch}", "train.grad_accum=1"]
+    if not mlflow:
+        sets.append("tracking.mlflow=false")
+    cfg = load_config(config, sets)
+    budget = parse_size(memory_budget) if memory_budget else None
+    console = Console(stderr=True)
+    with ProbeDisplay(console) as display:
+        result = run_tune(cfg, objective=objective, budget_bytes=budget, headroom=headroom, rank=rank, out=out,
+                          dry_run=True, on_trial=display.update, probe_steps=probe_steps, console=console,
+                          round_bytes=parse_size(round_budget) if round_budget else None)
+    console.print(display.table())
+    for reason in result.reasons:
+        console.print(f"• {reason}", highlight=False)
+    console.print(f"[bold]wrote {out}[/] — train with it: lowres train {out}", highlight=False)
+    if not dry_run:
+        from lowres.train import run
+
+        run(result.config, console=console)
+
+
+class ProbeDisplay:
+    """A live status line per probe (rich), and the final table of predicted vs measured figures."""
+
+    def __init__(self, console: Console):
+        self.console, self.rows, self.status = console, [], None
+
+    def __enter__(self) -> "ProbeDisplay":
+        self.status = self.console.status("detecting the machine, measuring its roofline …")
+        self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.status.__exit__(*exc)
+
+    def update(self, event: str, trial: Any) -> None:
+        c = trial.candidate
+        name = f"{c.compute}/{c.quant} r{c.lora_rank} batch {c.batch_size}×{trial.grad_accum}"
+        if event == "start":
+            self.status.update(f"probe {len(self.rows) + 1}: {name} — predicted "
+                               f"{trial.estimate.peak_bytes / GIB:.2f} GiB, running a few capped steps …")
+        else:
+            self.rows.append((name, trial))
+            p = trial.probe
+            verdict = "fits" if p.fits else ("does not fit" if p.fits is False else "failed")
+            self.console.print(f"probe {len(self.rows)}: {name}: {verdict} ({p.wall_s:.0f} s)", highlight=False)
+
+    def table(self) -> Table:
+        t = Table(title="probes: predicted vs measured", title_justify="left")
+        for col in ("candidate", "pred. peak", "meas. peak", "pred. step", "meas. step", "tokens/s", "result"):
+            t.add_column(col, justify="left" if col in ("candidate", "result") else "right")
+        for name, trial in self.rows:
+            p, e = trial.probe, trial.estimate
+            t.add_row(name, f"{e.peak_bytes / GIB:.2f} GiB",
+                      "—" if p.peak_rss_bytes is None else f"{p.peak_rss_bytes / GIB:.2f} GiB",
+                      "—" if trial.predicted_step_s is None else f"{trial.predicted_step_s:.3f} s",
+                      "—" if p.step_s is None else f"{p.step_s:.3f} s",
+                      "—" if not p.tokens_per_s else f"{p.tokens_per_s:,.0f}",
+                      "fits" if p.fits else p.reason[:60])
+        return t
