@@ -52,6 +52,11 @@ from lowres.cli.fed import fed_app  # noqa: E402
 
 app.add_typer(fed_app, name="fed")
 
+# `lowres anomaly run|detect`: federated log anomaly detection
+from lowres.cli.anomaly import anomaly_app  # noqa: E402
+
+app.add_typer(anomaly_app, name="anomaly")
+
 err_console = Console(stderr=True)
 
 

@@ -1,0 +1,84 @@
+"""A small end-to-end run of the anomaly pipeline (a few sessions, a couple of steps), then `detect`."""
+
+import math
+
+import pytest
+
+from lowres.anomaly.preprocess import data_file
+
+SMALL = ["clients=2", "teacher_steps=2", "fedavg_rounds=1", "fedavg_local_steps=2", "max_length=64",
+         "n_normal_train=40", "n_public=40", "n_test=20", "k_normal=8", "k_anomalous=8", "student_steps=3",
+         "latency_samples=2", "mlflow=false"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from lowres.anomaly.pipeline import load_anomaly_config, run_pipeline
+
+    out = tmp_path_factory.mktemp("anomaly")
+    cfg = load_anomaly_config(None, SMALL + [f"output_dir={out}"])
+    return out, run_pipeline(cfg, say=lambda s: None)
+
+
+def test_pipeline_reports_every_figure(run):
+    out, r = run
+    for key in ("f1_student", "f1_teacher", "f1_fedavg"):
+        assert 0.0 <= r[key] <= 1.0
+    # scores of 40 sessions (2 float32 arrays) are far smaller than a rank-8 adapter of the tiny teacher
+    assert 2 * 40 * 4 < r["method_bytes_up_per_client"] < 2000
+    assert r["fedavg_bytes_up_per_client_round"] > 100_000
+    assert r["comm_ratio"] < 1
+    assert math.isfinite(r["latency_ratio"]) and r["latency_ratio"] > 0
+    assert (out / "student" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "student" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_detect_labelled_csv_and_raw_lines(run, tmp_path):
+    from lowres.anomaly.detect import detect_file
+
+    out, _ = run
+    csv = tmp_path / "s.csv"
+    csv.write_text("Sequence,label\n5 5 22 11 9 26 23 21,0\n5 22 7 11 9 26,1\n")
+    res = detect_file(out / "student", csv)
+    assert res.kind == "sessions" and len(res.proba) == 2 and set(res.metrics) >= {"f1", "precision", "recall"}
+    raw = tmp_path / "raw.log"
+    raw.write_text("\n".join(data_file("HDFS_1k.log").read_text().splitlines()[:30]))
+    res = detect_file(out / "student", raw)
+    assert res.kind == "raw" and res.labels is None and len(res.keys) == len(set(res.keys)) > 5
+
+
+def test_too_small_public_set_is_refused(tmp_path):
+    from lowres.anomaly.pipeline import load_anomaly_config, split_data
+    from lowres.anomaly.scoring import SelectionError, select_pseudo_labels
+
+    cfg = load_anomaly_config(None, ["n_public=10", "n_test=10", "n_normal_train=10"])
+    data = split_data(cfg)
+    assert len(data["public"]) == 10 and sum(data["test_y"]) == 5
+    with pytest.raises(SelectionError, match="needs at least 12"):
+        select_pseudo_labels(data["public_y"].astype(float), 6, 6)
+
+
+def test_cli_detect_prints_f1(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from lowres.cli.anomaly import anomaly_app
+
+    out, _ = run
+    csv = tmp_path / "s.csv"
+    csv.write_text("Sequence,label\n5 5 22 11 9 26 23 21,0\n5 22 7 11 9 26,1\n")
+    res = CliRunner().invoke(anomaly_app, ["detect", "--model", str(out / "student"), str(csv)])
+    assert res.exit_code == 0, res.output
+    assert "2 sessions (sessions)" in res.output and "F1 " in res.output
+
+
+def test_shipped_configs_validate(tmp_path):
+    from lowres.anomaly.pipeline import AnomalyConfig, load_anomaly_config
+    from lowres.anomaly.teachers import teacher_fed_config
+    from lowres.paths import configs_dir
+
+    cfg = load_anomaly_config(configs_dir() / "anomaly/hdfs-tiny.yaml")
+    assert isinstance(cfg, AnomalyConfig) and cfg.k_normal + cfg.k_anomalous <= cfg.n_public
+    fed = teacher_fed_config(tmp_path / "n.txt", tmp_path, cfg.clients, cfg.fedavg_rounds, cfg.fedavg_local_steps)
+    assert fed.clients == 3 and fed.run_config().model.name == "tiny"
+    with pytest.raises(Exception, match="aggregate"):
+        load_anomaly_config(None, ["aggregate=median"])
