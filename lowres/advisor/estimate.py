@@ -168,7 +168,7 @@ def _warnings(hw: Any, cand: Candidate, compute: str, memory: dict[str, float], 
     if slow_precision(hw, compute):
         where = "GPU (compute capability < 8.0)" if device_of(hw) == "cuda" else "CPU (no native units in its ISA)"
         out.append(f"{compute} is emulated on this {where}: bf16 on AVX2-only CPUs ran tens of times slower "
-                   "than fp32 (issue 4); use fp32")
+                   "than fp32; use fp32")
     if device_of(hw) == "cpu" and cand.quant != "none":
         out.append(f"{cand.quant} on CPU dequantises every weight at each matmul: it costs time; measure it")
     weights = sum(v for k, v in memory.items() if k.startswith("weights."))

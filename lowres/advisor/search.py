@@ -276,7 +276,7 @@ def search(s: Searcher, objective: str = "fastest", quant_ok: bool = True) -> Ch
                 winners.append(t)
         if winners and quantized:
             reasons.append(f"no 4-bit/8-bit base: an unquantized one fits, and on this {s.hw.tier} machine "
-                           "bitsandbytes dequantises every weight at each matmul, which costs time (issue 4)")
+                           "bitsandbytes dequantises every weight at each matmul, which costs time")
         fallback = [(c, q, False) for c, q in quantized] + [(c, q, True) for c, q in plain + quantized]
         for compute, quant, gc in fallback if not winners else []:
             if gc and s.base.gradient_checkpointing:
