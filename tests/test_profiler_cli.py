@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -45,11 +46,16 @@ def _summary(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_peak_of_an_800_mb_child_within_5_percent(capsys):
+def test_peak_of_an_800_mb_child_within_5_percent():
+    # As users run it: `lowres profile` in a fresh process. The kernel's exact peak of a reaped child (wait4's
+    # ru_maxrss) also holds the memory image of whoever spawned it (vfork), so it only counts where it exceeds
+    # the spawner's own high-water mark: true of the CLI, not of a pytest process that loaded torch earlier.
     code = "block = b'x' * (800 * 2**20)"
-    assert run_cli(["profile", "--json", "--interval", "0.1", "--", sys.executable, "-c", code]) == 0
-    peak = _summary(capsys)["metrics"]["lowres_process_resident_memory_peak_bytes"]["max"]
-    assert peak == pytest.approx(800 * MiB, rel=0.05)
+    res = subprocess.run([sys.executable, "-m", "lowres.cli.app", "profile", "--json", "--interval", "0.1", "--",
+                          sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak = json.loads(res.stdout.strip().splitlines()[-1])["metrics"]["lowres_process_resident_memory_peak_bytes"]
+    assert peak["max"] == pytest.approx(800 * MiB, rel=0.05)
 
 
 def test_one_busy_core_for_3_s_is_one_core(capsys, tmp_path):
