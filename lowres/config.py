@@ -200,22 +200,27 @@ def _format_errors(err: ValidationError) -> list[str]:
     return problems
 
 
+def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict[str, Any]:
+    """The mapping a YAML config file holds; a ConfigError naming the file when it is missing, not YAML, or
+    not a mapping (``what`` names the kind of file in the message, ``hint`` says what to give instead)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist", hint=hint)
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections, not {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
                 use_env: bool = True) -> RunConfig:
     """Read YAML (if given), apply environment then CLI overrides, validate everything at once."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist",
-                              hint="give a path to a YAML file, e.g. configs/runs/tiny-cpu.yaml")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, not {type(loaded).__name__}")
-        data = loaded
+        data = read_yaml_mapping(path, "config file", "give a path to a YAML file, e.g. configs/runs/tiny-cpu.yaml")
     all_overrides = (env_overrides() if use_env else []) + list(overrides or [])
     for item in all_overrides:
         key, value = parse_override(item)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lowres.config import RunConfig, _format_errors, _set_path, load_config, parse_override
+from lowres.config import RunConfig, _format_errors, _set_path, load_config, parse_override, read_yaml_mapping
 from lowres.errors import ConfigError
 
 
@@ -133,12 +133,7 @@ def load_fed_config(path: str | Path | None = None, overrides: list[str] | None 
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"federation config {str(p)!r} does not exist",
-                              hint="give a YAML file, e.g. configs/fed/tiny-sim.yaml")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"federation config {str(p)!r} must hold a mapping")
+        data = read_yaml_mapping(p, "federation config", "give a YAML file, e.g. configs/fed/tiny-sim.yaml")
         if data.get("base") and not Path(data["base"]).is_absolute():
             # a base path is relative to the repository root or cwd first, then to the YAML itself
             if not Path(data["base"]).is_file() and (p.parent / data["base"]).is_file():
