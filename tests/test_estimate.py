@@ -197,3 +197,24 @@ def test_cli_advise_rejects_a_bad_quantization():
     result = CliRunner().invoke(_app(), ["advise", "--quant", "nf3", "--hardware", "laptop-8g-avx2"])
     assert result.exit_code != 0
     assert isinstance(result.exception, UsageError) and "quant" in str(result.exception)
+
+
+def test_cli_advise_reads_the_roofline_measured_here_without_measuring(tmp_path, monkeypatch):
+    """advise measures nothing; once train/tune measured this machine's roofline, its step time is known."""
+    from lowres.hardware import detect, usable_cpus
+    from lowres.train.roofline_cache import cache_key, cache_path, gemm_shapes, write_cache
+
+    monkeypatch.setenv("LOWRES_CACHE_DIR", str(tmp_path))
+    args = ["advise", "--json", "--precision", "fp32", "--batch-size", "2"]
+    before = json.loads(CliRunner().invoke(_app(), args).output)["estimate"]
+    assert before["step_time_s"] is None
+    spec = load_spec("SmolLM2-135M")
+    key = cache_key(f"{detect().fingerprint}:cpu", "fp32", usable_cpus(), gemm_shapes(spec, 512))
+    write_cache(cache_path(), {key: {"flops_per_s": 1e11, "dtype": "fp32", "threads": usable_cpus(),
+                                     "shapes": gemm_shapes(spec, 512), "source": "measured", "measured_at": 0.0}})
+    after = json.loads(CliRunner().invoke(_app(), args).output)["estimate"]
+    assert after["roofline_source"] == "cache" and after["step_time_s"] > 0
+    # the estimate scales with the cached peak: 1e11 FLOP/s → the step's FLOPs / 1e11 × the fp32 non-GEMM prior
+    from lowres.advisor.compute import CPU_NON_GEMM_FACTOR
+
+    assert after["step_time_s"] == pytest.approx(after["flops_per_step"] / 1e11 * CPU_NON_GEMM_FACTOR["fp32"], rel=1e-6)

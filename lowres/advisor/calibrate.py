@@ -262,3 +262,29 @@ def machine_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: in
                            mem_bandwidth_bytes_s=data[key]["bytes_per_s"],
                            dequant_bytes_s={q: r for q, r in data[dq_key].items() if r},
                            note=f"GEMMs of {spec.name}'s shapes at {tokens} tokens, {torch.get_num_threads()} threads")
+
+
+def cached_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: int | None = None,
+                    device: str = "cpu") -> MachineRoofline | None:
+    """The roofline ``machine_roofline`` measured earlier on this machine for ``spec``, read from the caches
+    without measuring or importing torch (for `lowres advise`, which loads nothing); None when the peak
+    FLOP/s were never measured here. Dequantisation rates are included where they were measured."""
+    from lowres.advisor.memory import linear_shapes
+    from lowres.hardware import usable_cpus
+    from lowres.train.roofline_cache import cache_key, cache_path as roofline_path, gemm_shapes, read_cache
+
+    threads = threads or usable_cpus()
+    shapes = gemm_shapes(spec, min(max(1, tokens), 2048))
+    cache = read_cache(roofline_path())
+    flops = {dt: (cache.get(cache_key(f"{fingerprint}:{device}", dt, threads, shapes)) or {}).get("flops_per_s")
+             for dt in ("fp32", "bf16")}
+    if not any(flops.values()):
+        return None
+    data = _read()
+    in_f, out_f = max(linear_shapes(spec).values(), key=lambda s: s[0] * s[1])
+    rates = data.get(f"{fingerprint}|dequant2|{in_f}x{out_f}") or {}
+    return MachineRoofline(fp32_flops=flops["fp32"], bf16_flops=flops["bf16"],
+                           mem_bandwidth_bytes_s=(data.get(f"{fingerprint}|bandwidth") or {}).get("bytes_per_s"),
+                           dequant_bytes_s={q: r for q, r in rates.items() if r}, source="cache",
+                           note=f"measured here earlier: GEMMs of {spec.name}'s shapes at {tokens} tokens, "
+                                f"{threads} threads")

@@ -90,11 +90,13 @@ def advise(
     hw = load_profile(hardware) if hardware else detect()
     # On this machine, what earlier probes (`lowres tune`) measured corrects the estimate; a saved profile of
     # another machine has no probes.
-    from lowres.advisor.calibrate import load_calibration
+    # and the roofline they measured (read from the cache: advise measures nothing) gives the step time.
+    from lowres.advisor.calibrate import cached_roofline, load_calibration
 
     cal = None if hardware else load_calibration(hw.fingerprint, spec.name)
-    est = estimate(spec, hw, candidate, headroom=headroom, calibration=cal)
-    grid = candidate_grid(spec, hw, candidate, headroom=headroom, calibration=cal)
+    rl = None if hardware or getattr(hw, "roofline", None) else cached_roofline(spec, hw.fingerprint)
+    est = estimate(spec, hw, candidate, headroom=headroom, calibration=cal, roofline=rl)
+    grid = candidate_grid(spec, hw, candidate, headroom=headroom, calibration=cal, roofline=rl)
 
     if json_output:
         doc = {"model": spec.name, "parameters": spec.param_count(),

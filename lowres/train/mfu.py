@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from lowres.train.roofline_cache import read_cache, write_cache, cache_key, cache_path, gemm_shapes  # noqa: F401
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -43,15 +45,6 @@ def train_flops_per_token(spec: Any, seq_len: int, lora_params: int) -> float:
     return lora_flops_per_token(spec, seq_len, lora_params, gradient_checkpointing=False)
 
 
-def gemm_shapes(spec: Any, tokens: int) -> list[tuple[int, int, int]]:
-    """(M, K, N) of the forward GEMMs of one micro-batch: each distinct block projection and the lm_head."""
-    from lowres.advisor.memory import linear_shapes
-
-    shapes = {(tokens, k, n) for k, n in linear_shapes(spec).values()}
-    shapes.add((tokens, spec.hidden_size, spec.vocab_size))
-    return sorted(shapes)
-
-
 @dataclass
 class RooflineResult:
     """The peak FLOP/s measured for one key, and where the figure came from ("measured" or "cache")."""
@@ -62,17 +55,6 @@ class RooflineResult:
     shapes: list[tuple[int, int, int]]
     source: str
     measured_at: float
-
-
-def cache_path() -> Path:
-    """``$LOWRES_CACHE_DIR/roofline.json``, else ``~/.cache/lowres/roofline.json``."""
-    root = os.environ.get("LOWRES_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowres")
-    return Path(root) / "roofline.json"
-
-
-def _cache_key(fingerprint: str, dtype: str, threads: int, shapes: list[tuple[int, int, int]]) -> str:
-    return f"{fingerprint}|{dtype}|t{threads}|" + ",".join("x".join(map(str, s)) for s in shapes)
 
 
 def measure_gemm_flops(shapes: list[tuple[int, int, int]], dtype: str, device: str = "cpu",
@@ -124,9 +106,9 @@ def roofline(spec: Any, dtype: str, tokens: int, *, fingerprint: str | None = No
         fingerprint = this_machine_fingerprint()
     threads = torch.get_num_threads()
     shapes = gemm_shapes(spec, min(max(1, tokens), 2048))
-    key = _cache_key(f"{fingerprint}:{device}", dtype, threads, shapes)
+    key = cache_key(f"{fingerprint}:{device}", dtype, threads, shapes)
     path = path or cache_path()
-    cache = _read_cache(path)
+    cache = read_cache(path)
     if key in cache:
         hit = dict(cache[key], source="cache")
         hit["shapes"] = [tuple(s) for s in hit["shapes"]]
@@ -134,7 +116,7 @@ def roofline(spec: Any, dtype: str, tokens: int, *, fingerprint: str | None = No
     result = RooflineResult(flops_per_s=measure_gemm_flops(shapes, dtype, device, budget_s), dtype=dtype,
                             threads=threads, shapes=shapes, source="measured", measured_at=time.time())
     cache[key] = asdict(result)
-    _write_cache(path, cache)
+    write_cache(path, cache)
     return result
 
 
@@ -151,25 +133,10 @@ def raise_to_achieved(result: RooflineResult, achieved_flops_per_s: float, *, fi
                          source="re-measured" if measured >= achieved_flops_per_s else "raised to an achieved rate",
                          measured_at=time.time())
     path = path or cache_path()
-    cache = _read_cache(path)
-    cache[_cache_key(f"{fingerprint}:{device}", result.dtype, result.threads, result.shapes)] = asdict(new)
-    _write_cache(path, cache)
+    cache = read_cache(path)
+    cache[cache_key(f"{fingerprint}:{device}", result.dtype, result.threads, result.shapes)] = asdict(new)
+    write_cache(path, cache)
     return new
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}  # no cache yet, or a damaged one: measure again and overwrite it
-
-
-def _write_cache(path: Path, cache: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1))
-    os.replace(tmp, path)  # atomic: two runs measuring at once never leave half a file
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) -> float:
