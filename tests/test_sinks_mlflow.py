@@ -1,6 +1,7 @@
 """The MLflow sink and run wiring against real stores: a temp SQLite store, a real `mlflow server`, and a
 closed port (the unreachable path). Values are read back with MlflowClient."""
 
+import math
 import re
 import warnings
 
@@ -196,3 +197,27 @@ def test_real_mlflow_server_receives_the_windows():
         sink.close()
         assert sink.describe()["spooled_points"] == 0, sink.describe()
         assert_windows(history(uri, run.run_id))
+
+
+def test_a_resume_while_the_server_is_away_continues_the_steps(tmp_path):
+    """Two processes of one run, both spooling (server away): with the run's start as origin the second
+    process's steps follow the first's — even when it resumes inside the window the first died in — so sync
+    keeps both instead of dropping the second as duplicates."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    steps = []
+    # process 1: windows 0-2 of the run; process 2 resumes 1 s after process 1's last sample (same window)
+    first_of_second = math.floor((T0 + 28.5 - T0) / 10.0) + 1  # what lowres.train.recipe passes on resume
+    for proc, (offset, first_step) in enumerate(((0.0, 0), (28.5, first_of_second))):
+        spool = tmp_path / f"spool-{proc}.jsonl"
+        sink = build({"kind": "mlflow", "tracking_uri": uri, "run_id": "r-resumed", "interval_s": 10.0,
+                      "spool_path": str(spool), "close_timeout_s": 2.0, "first_step": first_step,
+                      "origin_ts": T0})
+        for s in known_samples():
+            sink.write([Sample(s.ts + offset, s.name, s.value, s.labels)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sink.close()
+        steps.append(sorted({p["step"] for p in read_spool(spool)}))
+    assert steps[0] == [0, 1, 2]
+    assert steps[1] == [3, 4, 5]  # from the run's start: 28.5 s + 0..27.5 s → windows 2..5, 2 lifted to 3
+    assert not set(steps[0]) & set(steps[1])

@@ -34,6 +34,8 @@ from lowres.train.optim import build_optimizer, build_scheduler, check_optimizer
 from lowres.train.progress import TrainProgress, stop_on_signals
 from lowres.train.timing import PHASES, PhaseTimer
 
+SYSTEM_WINDOW_S = 10.0  # one MLflow system/ point (mean and peak) per window of profiler samples
+
 @dataclass
 class TrainResult:
     """What a run (or a slice of one) did. Means leave out the first ``warmup_ignore_steps`` steps."""
@@ -105,10 +107,12 @@ class Recipe:
         self.info = {**info, "tokenizer": tokenizer_source, "data": self.data.stats, "device": self.device,
                      "threads": torch.get_num_threads(), "precision_reasons": self.precision.reasons}
         run_id = None
+        self._run_started_at = time.time()  # the origin of the system-metric steps, kept across resumes
         if resume_from is not None:
             state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
             self.batches.load_state_dict(state["data"])
             self.step, run_id = state["step"], state.get("run_id")
+            self._run_started_at = state.get("run_started_at") or self._run_started_at
             self._last_checkpoint = resume_from
             self.console.print(f"resuming from {resume_from} (step {self.step})", highlight=False)
 
@@ -184,7 +188,13 @@ class Recipe:
                 "mfu": {"flops_per_token": self.flops_per_token,
                         "roofline_flops_per_s": self.roofline.flops_per_s}})
             self.tracker.log_artifact(self.out / "config.yaml")
+        # system/ steps count sink windows from the run's start; a resumed process starts after the window it
+        # resumes in — and after what the server holds — even when the server cannot be asked (a restart at 0
+        # would have sync take the new points for duplicates of the old ones)
         self._system_first_step = 1 + max((v for k, v in skip.items() if k.startswith("system/")), default=-1)
+        if run_id is not None:
+            since = math.floor((time.time() - self._run_started_at) / SYSTEM_WINDOW_S) + 1
+            self._system_first_step = max(self._system_first_step, since)
         self.logger = StepMetricsLogger(self.tracker, skip)
 
     def _resume_tracking(self, run_id: str, kw: dict):
@@ -251,7 +261,8 @@ class Recipe:
                           "grouping": {"run": run_label}})
         if self.run_id:
             sinks.append({"kind": "mlflow", "run_id": self.run_id, "tracking_uri": self.tracking_uri,
-                          "first_step": self._system_first_step})
+                          "interval_s": SYSTEM_WINDOW_S, "first_step": self._system_first_step,
+                          "origin_ts": self._run_started_at})
         labels = {"fingerprint": self.hw.fingerprint, "run": run_label, "host": platform.node()}
         self.out.mkdir(parents=True, exist_ok=True)
         self.prof = Profiler(interval=t.profiler_interval, sinks=sinks, mode=t.profiler_mode, labels=labels).start()
@@ -351,7 +362,7 @@ class Recipe:
             # Every step up to the checkpoint must be in the store before the checkpoint exists: a resume
             # starts after it and never logs those steps again.
             self.logger.flush()
-        meta = {"run_id": self.run_id, "config_hash": self.config_hash}
+        meta = {"run_id": self.run_id, "config_hash": self.config_hash, "run_started_at": self._run_started_at}
         self._last_checkpoint = ckpt.save_checkpoint(
             ckpt.checkpoints_dir(self.out), self.step, self.model, self.optimizer, self.scheduler,
             self.batches.state_dict(), meta, keep=self.cfg.checkpoint.keep)

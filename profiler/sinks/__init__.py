@@ -11,7 +11,7 @@ Spec kinds (fields in brackets are optional):
 - ``{"kind": "pushgateway", "url": "host:port", ["job": "lowres"], ["grouping": {...}],
   ["push_interval_s": 10.0], ["labels": {...}], ["timeout_s": 5.0]}``
 - ``{"kind": "mlflow", "run_id": str, ["tracking_uri": str | None], ["interval_s": 10.0],
-  ["spool_path": str], ["close_timeout_s": 10.0], ["first_step": 0]}``
+  ["spool_path": str], ["close_timeout_s": 10.0], ["first_step": 0], ["origin_ts": epoch s]}``
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                     "timeout_s": ((int, float), False)},
     "mlflow": {"run_id": ((str,), True), "tracking_uri": ((str, type(None)), False),
                "interval_s": ((int, float), False), "spool_path": ((str,), False),
-               "close_timeout_s": ((int, float), False), "first_step": ((int,), False)},
+               "close_timeout_s": ((int, float), False), "first_step": ((int,), False),
+               "origin_ts": ((int, float), False)},
 }
 
 

@@ -106,18 +106,24 @@ class MlflowSink:
     """Aggregates samples into windows of ``interval_s`` and logs each window with one ``log_batch``.
 
     ``first_step`` lets a resumed run continue after the steps it already has (see
-    ``lowres.tracking.runs.max_logged_step``). ``close_timeout_s`` bounds how long ``close`` waits for the
+    ``lowres.tracking.runs.max_logged_step``). With ``origin_ts`` (the run's start, epoch seconds) a window's
+    step is its index counted from the run's start, not from this process's first sample, and at least
+    ``first_step``: a resumed run's steps then continue after every earlier process's, whether or not the
+    server could be asked which it holds (a resume while the server is away must not restart at 0, or sync
+    would take its points for duplicates). ``close_timeout_s`` bounds how long ``close`` waits for the
     server before spooling what is left.
     """
 
     def __init__(self, run_id: str, tracking_uri: str | None = None, interval_s: float = 10.0,
-                 spool_path: str | None = None, close_timeout_s: float = 10.0, first_step: int = 0):
+                 spool_path: str | None = None, close_timeout_s: float = 10.0, first_step: int = 0,
+                 origin_ts: float | None = None):
         self.run_id = run_id
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.interval_s = float(interval_s)
         self.spool_path = Path(spool_path) if spool_path else default_spool_path(run_id)
         self.close_timeout_s = close_timeout_s
         self.first_step = first_step
+        self.origin_ts = origin_ts
         self.windows = 0
         self.sent_points = 0
         self.spooled_points = 0
@@ -149,8 +155,8 @@ class MlflowSink:
             if key is None or not math.isfinite(s.value):
                 continue
             if self._t0 is None:
-                self._t0 = s.ts
-            index = max(0, math.floor((s.ts - self._t0) / self.interval_s))
+                self._t0 = s.ts if self.origin_ts is None else self.origin_ts
+            index = max(self._min_index, math.floor((s.ts - self._t0) / self.interval_s))
             if self._window is None:
                 self._window = _Window(index)
             elif index > self._window.index:
@@ -161,13 +167,18 @@ class MlflowSink:
         if unknown:
             metric_catalog.get(sorted(unknown)[0])  # our own bug: raise, naming the metric
 
+    @property
+    def _min_index(self) -> int:
+        return 0 if self.origin_ts is None else self.first_step
+
     def _close_window(self) -> None:
         w, self._window = self._window, None
         if w is None or not w.stats:
             return
         self.windows += 1
+        step = w.index if self.origin_ts is not None else self.first_step + w.index
         with self._cv:
-            self._queue.append(w.points(self.first_step + w.index))
+            self._queue.append(w.points(step))
             self._cv.notify_all()
 
     # -- the writer thread -------------------------------------------------------------------------------
