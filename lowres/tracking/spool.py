@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from profiler.sinks.mlflow import default_spool_path
+from profiler.sinks.mlflow import append_jsonl, default_spool_path
 
 LOWRES_SUFFIX = ".lowres.jsonl"
 PENDING_SUFFIX = ".run.json"
@@ -62,23 +62,9 @@ def metric_record(run_id: str, key: str, value: float, timestamp: int, step: int
 
 
 def append_records(path: Path, records: Iterable[Mapping[str, Any]]) -> int:
-    """Append records as JSON lines with one ``write``; returns how many.
-
-    If the file ends in a torn line (a process killed mid-write), a newline goes first so the torn line stays
-    one unreadable line instead of swallowing the first new record.
-    """
-    lines = [json.dumps(r, separators=(",", ":")) + "\n" for r in records]
-    if not lines:
-        return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                lines.insert(0, "\n")
-        f.write("".join(lines).encode())
-        f.flush()
-    return len(lines)
+    """Append records as JSON lines with one ``write`` (a torn last line is closed first); returns how many.
+    The profiler's MLflow sink spools through the same function."""
+    return append_jsonl(path, records)
 
 
 def read_records(path: Path, offset: int = 0) -> list[tuple[dict, int]]:

@@ -15,8 +15,6 @@ nanoGPT's ``estimate_mfu``). Two choices make it honest here:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

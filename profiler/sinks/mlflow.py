@@ -24,7 +24,7 @@ import time
 import warnings
 from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from profiler import metric_catalog
 from profiler.reading import Sample
@@ -54,6 +54,27 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def default_spool_path(run_id: str) -> Path:
     """Where a run's unsent MLflow points go: ``.lowres/spool/<run_id>.mlflow.jsonl`` in the working dir."""
     return Path.cwd() / ".lowres" / "spool" / f"{run_id}.mlflow.jsonl"
+
+
+def append_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> int:
+    """Append records as JSON lines with one ``write``; returns how many (the one writer of every spool).
+
+    If the file ends in a torn line (a process killed mid-write), a newline goes first so the torn line stays
+    one unreadable line instead of swallowing the first new record.
+    """
+    lines = [json.dumps(r, separators=(",", ":")) + "\n" for r in records]
+    if not lines:
+        return 0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                lines.insert(0, "\n")
+        f.write("".join(lines).encode())
+        f.flush()
+    return len(lines)
 
 
 def read_spool(path: str | Path) -> list[dict]:
@@ -219,11 +240,9 @@ class MlflowSink:
     def _spool(self, points: list, why: str) -> None:
         """Append points to the spool file (caller holds the lock); warn once, naming the file."""
         try:
-            self.spool_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.spool_path, "a", encoding="utf-8") as f:
-                for key, value, ts, step in points:
-                    f.write(json.dumps({"run_id": self.run_id, "key": key, "value": value, "timestamp": ts,
-                                        "step": step, "tracking_uri": self.tracking_uri}) + "\n")
+            append_jsonl(self.spool_path, ({"run_id": self.run_id, "key": key, "value": value, "timestamp": ts,
+                                            "step": step, "tracking_uri": self.tracking_uri}
+                                           for key, value, ts, step in points))
         except OSError as exc:
             log.error("lowres: could not spool %d MLflow points to %s: %s", len(points), self.spool_path, exc)
             return
