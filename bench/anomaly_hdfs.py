@@ -4,7 +4,8 @@ One run of lowres.anomaly.pipeline on the shipped sessions (lowres/anomaly/data)
 one-shot on normal sessions split over 3 clients, scores of a public unlabelled set up, top/bottom-k
 pseudo-labels, a small student classifier (hidden 64, 2 layers, LoRA + head) down — beside FedAvg over the
 teachers' adapters for a few rounds. F1 on a balanced held-out split; every threshold is set without test
-labels (teachers: a low quantile of accuracy on held-out normal sessions of the training file; student:
+labels (teachers: a low quantile of the score — mean next-token loss by default — on held-out normal sessions
+of the training file; student:
 P(anomaly) >= 0.5).
 
     python bench/anomaly_hdfs.py --quick     # fewer steps and sessions
@@ -35,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["teacher_steps=60", "fedavg_local_steps=20", "max_length=128", "n_normal_train=1200", "n_public=500",
-         "n_test=400", "k_normal=100", "k_anomalous=50", "student_steps=150", "latency_samples=24"]
+         "n_test=400", "k_normal=300", "k_anomalous=125", "student_steps=300", "latency_samples=24"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         r = run_pipeline(cfg, say=lambda s: print("  " + s, flush=True))
 
     print()
-    print(f"{'detector':<34} {'F1':>6} {'precision':>9} {'recall':>7}")
+    print(f"{'detector':<34} {'F1':>6} {'precision':>9} {'recall':>7} {'AUROC':>6}")
     for name, key in (("student (pseudo-labels)", "student"), ("one-shot teacher + threshold", "teacher"),
                       ("FedAvg teacher + threshold", "fedavg")):
-        print(f"{name:<34} {r['f1_' + key]:6.3f} {r['precision_' + key]:9.3f} {r['recall_' + key]:7.3f}")
+        print(f"{name:<34} {r['f1_' + key]:6.3f} {r['precision_' + key]:9.3f} {r['recall_' + key]:7.3f} "
+              f"{r['auroc_' + key]:6.3f}")
+    print(f"{'student, test sequences not in public':<34} {r['f1_student_novel']:6.3f} "
+          f"{r['precision_student_novel']:9.3f} {r['recall_student_novel']:7.3f}          "
+          f"({r['test_novel_fraction']:.0%} of the test set, {r['test_novel_anomalous']:.0f} anomalous: the rest "
+          "repeat a public session's exact sequence)")
     print(f"\nbytes per client: method {r['method_bytes_up_per_client'] / 1e3:.1f} kB up (scores) + "
           f"{r['method_bytes_down_per_client'] / 1e3:.1f} kB down (student) = {r['method_bytes_per_client'] / 1e3:.1f} kB; "
           f"FedAvg {r['fedavg_bytes_up_per_client_round'] / 1e3:.1f} kB up + "
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['student_param_bytes'] / 1e6:.2f} MB vs {r['teacher_param_bytes'] / 1e6:.2f} MB; peak RSS rise "
           f"{r['student_peak_rss_delta_bytes'] / 1e6:.1f} MB vs {r['teacher_peak_rss_delta_bytes'] / 1e6:.1f} MB")
     goal = "met" if r["f1_student"] >= 0.9 else "NOT met"
-    print(f"pseudo-label purity: normal {r['pseudo_normal_purity']:.1%}, anomalous {r['pseudo_anomalous_purity']:.1%};"
+    print(f"pseudo-label purity: normal {r['pseudo_normal_purity']:.1%}, anomalous {r['pseudo_anomalous_purity']:.1%}"
+          f" (aggregated teacher scores separate the public set with AUROC {r['auroc_public_aggregate']:.3f});"
           f" student F1 goal 0.9 {goal}; total {r['total_seconds']:.0f} s"
           + (f"; MLflow run {r['mlflow_run_id']}" if r.get("mlflow_run_id") else ""))
     print(f"RESULT f1_student={r['f1_student']:.4f} f1_teacher={r['f1_teacher']:.4f} f1_fedavg={r['f1_fedavg']:.4f} "

@@ -24,8 +24,8 @@ def test_pipeline_reports_every_figure(run):
     out, r = run
     for key in ("f1_student", "f1_teacher", "f1_fedavg"):
         assert 0.0 <= r[key] <= 1.0
-    # scores of 40 sessions (2 float32 arrays) are far smaller than a rank-8 adapter of the tiny teacher
-    assert 2 * 40 * 4 < r["method_bytes_up_per_client"] < 2000
+    # scores of 40 sessions (3 float32 arrays) are far smaller than a rank-8 adapter of the tiny teacher
+    assert 3 * 40 * 4 < r["method_bytes_up_per_client"] < 2000
     assert r["fedavg_bytes_up_per_client_round"] > 100_000
     assert r["comm_ratio"] < 1
     assert math.isfinite(r["latency_ratio"]) and r["latency_ratio"] > 0

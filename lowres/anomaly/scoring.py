@@ -1,14 +1,15 @@
 """Teacher scores, what travels to the server, pseudo-labels, thresholds and detection metrics.
 
-    acc, loss = score_sessions(teacher, texts)          # per session: next-token accuracy and mean loss
-    nbytes = scores_bytes({"accuracy": acc, "loss": loss})   # exact serialised bytes of the client's reply
-    agg = aggregate_scores([acc_client0, acc_client1], "mean")
+    s = score_sessions(teacher, texts)     # per session: {"accuracy", "loss", "max_loss"} arrays
+    nbytes = scores_bytes(s)               # exact serialised bytes of the client's reply
+    agg = aggregate_scores([normality(s0, "loss"), normality(s1, "loss")], "mean")
     normal_idx, anomal_idx = select_pseudo_labels(agg, k_normal=100, k_anomalous=100)
     thr = threshold_from_normal(train_acc, quantile=0.01)
     f1, precision, recall = prf(y_true, y_pred)
 
 A teacher trained on normal logs predicts the next token of a normal session well; an anomalous session has
-events it rarely saw, so its accuracy drops and its loss rises. High accuracy = confidently normal.
+events it rarely saw or ends where normal sessions go on, so its accuracy drops and its loss rises
+(``normality``: higher = more confidently normal, whichever score ranks).
 """
 
 from __future__ import annotations
@@ -24,36 +25,85 @@ class SelectionError(LowresError):
     exit_code = 2
 
 
-def score_sessions(teacher, texts: list[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(next-token accuracy, mean next-token loss) of ``teacher`` on each text, truncated to its max_length.
+SCORES = ("accuracy", "loss", "max_loss")
 
-    Per session rather than per packed block: the unit that is judged normal or anomalous is the session."""
+
+def _session_windows(ids: list[int], length: int) -> list[tuple[list[int], int]]:
+    """Windows of at most ``length`` tokens covering a session's targets once each: (window ids, index of
+    the first target the window scores). Sliding with half-window overlap, so every target after the first
+    window is predicted from at least ``length // 2`` tokens of context (the sliding-window perplexity of
+    Hugging Face's "Perplexity of fixed-length models")."""
+    if len(ids) <= length:
+        return [(ids, 1)]
+    stride = max(1, length // 2)
+    out, done = [], 1  # targets are positions 1..n-1 of ids; ``done`` = the next one to score
+    start = 0
+    while done < len(ids):
+        window = ids[start:start + length]
+        out.append((window, done - start))
+        done = start + len(window)
+        start += stride
+    return out
+
+
+def score_sessions(teacher, texts: list[str], batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Per session: ``accuracy`` (top-1 next-token accuracy), ``loss`` (mean next-token loss) and
+    ``max_loss`` (the loss of the most surprising token) of ``teacher``, each a float32 array.
+
+    A session is framed as the teacher saw it in training (lowres.data.blocks packs sessions with EOS after
+    each): EOS, its tokens, EOS. So the first event is predicted from a session boundary and the end is
+    predicted too: a session cut short (HDFS' commonest anomaly: a block opened and never finished) ends
+    where a teacher of normal logs expects more. Sessions longer than the teacher's ``max_length`` are scored
+    in sliding windows (every token once, with at least half a window of context), not truncated."""
     import torch
 
     model, tok, length = teacher.model, teacher.tokenizer, teacher.max_length
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    accs, losses = [], []
+    eos = tok.eos_token_id
+    rows: list[tuple[int, list[int], int]] = []  # (session, window ids, first scored position)
+    for i, t in enumerate(texts):
+        ids = [eos] + tok(t, add_special_tokens=True)["input_ids"] + [eos]
+        rows += [(i, w, first) for w, first in _session_windows(ids, length)]
+    hits = np.zeros(len(texts))
+    nll_sum = np.zeros(len(texts))
+    nll_max = np.zeros(len(texts))
+    count = np.zeros(len(texts))
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            enc = [tok(t, add_special_tokens=False)["input_ids"][:length] for t in texts[start:start + batch_size]]
-            width = max(2, max(len(e) for e in enc))
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for i, e in enumerate(enc):
-                ids[i, :len(e)] = torch.tensor(e, dtype=torch.long)
-                mask[i, :len(e)] = 1
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(w) for _, w, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            scored = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for j, (_, w, first) in enumerate(chunk):
+                ids[j, :len(w)] = torch.tensor(w, dtype=torch.long)
+                mask[j, :len(w)] = 1
+                scored[j, first:len(w)] = True
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target, valid = ids[:, 1:], mask[:, 1:].bool()
+            target, valid = ids[:, 1:], scored[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-            hit = (logits.argmax(-1) == target) & valid
-            n = valid.sum(1).clamp(min=1)
-            accs.append((hit.sum(1) / n).numpy())
-            losses.append(((nll * valid).sum(1) / n).numpy())
+            hit = ((logits.argmax(-1) == target) & valid).sum(1).numpy()
+            nll = torch.where(valid, nll, torch.zeros_like(nll))
+            n, total, peak = valid.sum(1).numpy(), nll.sum(1).numpy(), nll.max(1).values.numpy()
+            for j, (i, _, _) in enumerate(chunk):
+                hits[i] += hit[j]
+                nll_sum[i] += total[j]
+                count[i] += n[j]
+                nll_max[i] = max(nll_max[i], peak[j])
     if was_training:
         model.train()
-    return np.concatenate(accs).astype(np.float32), np.concatenate(losses).astype(np.float32)
+    count = np.maximum(count, 1)
+    return {"accuracy": (hits / count).astype(np.float32), "loss": (nll_sum / count).astype(np.float32),
+            "max_loss": nll_max.astype(np.float32)}
+
+
+def normality(scores: dict[str, np.ndarray], how: str) -> np.ndarray:
+    """One number per session, higher = more normal: accuracy as is; loss and max_loss negated."""
+    if how not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {how!r}")
+    return scores[how] if how == "accuracy" else -scores[how]
 
 
 def scores_bytes(scores: dict[str, np.ndarray]) -> int:
@@ -108,6 +158,27 @@ def threshold_from_normal(normal_scores: np.ndarray, quantile: float = 0.01) -> 
     """A threshold chosen without any anomaly label: the ``quantile`` of the scores of sessions known normal
     (the teachers' own training sessions). Sessions scoring below it are flagged."""
     return float(np.quantile(np.asarray(normal_scores, dtype=np.float64), quantile))
+
+
+def auroc(y_true, normal_score) -> float:
+    """Area under the ROC curve of flagging by low ``normal_score`` (anomaly = 1): the chance that a random
+    anomalous session scores below a random normal one, ties counting half (the Mann–Whitney U statistic
+    over n_pos·n_neg). Threshold-free, so it shows how well a score separates the classes apart from where a
+    threshold is put. NaN when one class is absent."""
+    y = np.asarray(y_true).astype(bool)
+    x = -np.asarray(normal_score, dtype=np.float64)  # higher = more anomalous
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    # average ranks over ties
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def prf(y_true, y_pred) -> tuple[float, float, float]:

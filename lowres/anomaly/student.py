@@ -130,7 +130,15 @@ def save_student(student: Student, folder: str | Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     student.model.save_pretrained(str(d / "adapter"))
     # the base too (a few hundred kB): `detect` then needs nothing but this folder, whatever the seed rules
-    student.model.get_base_model().save_pretrained(str(d / "base"))
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise in the pipeline's report
+    try:
+        student.model.get_base_model().save_pretrained(str(d / "base"))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     student.tokenizer.save_pretrained(str(d / "tokenizer"))
     (d / "meta.json").write_text(json.dumps(student.meta, indent=2))
     return d
