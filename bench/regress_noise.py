@@ -17,7 +17,7 @@ compares base→rerun and base→slow by their step-time distributions.
 The workload runs torch with one thread: on a shared two-core machine two threads fight the other users for
 both cores and step times spread five-fold; one thread spreads far less.
 
-    python bench/regress_noise.py                 # 5 repetitions, about 5–7 minutes on two busy cores
+    python bench/regress_noise.py                 # 5 repetitions × 50 rounds, about 6–8 minutes on two cores
     python bench/regress_noise.py --reps 3 --rounds 6
 
 Last line: ``RESULT injected_flagged=k/N rerun_flagged=m/N`` (the goal: N/N and 0/N).
@@ -42,7 +42,7 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5, help="repetitions of each comparison (default 5)")
-    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds per repetition (default 30)")
+    ap.add_argument("--rounds", type=int, default=50, help="interleaved rounds per repetition (default 50)")
     ap.add_argument("--chunk", type=int, default=3, help="steps per run per round (default 3)")
     ap.add_argument("--slowdown", type=float, default=0.10, help="injected slowdown (default 0.10)")
     ap.add_argument("--threshold", type=float, default=0.05, help="regress threshold (default 0.05)")

@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from lowres.bench import measure
-from lowres.bench.stats import median_ratio_test
+from lowres.bench.stats import ratio_test
 from lowres.cli.bench import regress
 from lowres.errors import LowresError
 from lowres.tracking.runs import TAG_CONFIG_HASH, TAG_FINGERPRINT, TAG_GIT_SHA, TAG_VERSION_PREFIX
@@ -58,16 +58,42 @@ def cli(store: str, *args: str) -> tuple[int, str]:
     return res.exit_code, res.output
 
 
-def test_bootstrap_interval_is_seeded_and_covers_the_truth():
+def test_hodges_lehmann_ratio_and_its_interval_cover_the_truth():
     rng = np.random.default_rng(1)
     base, cand = rng.lognormal(0, 0.1, 300), 1.1 * rng.lognormal(0, 0.1, 300)
-    a, b = median_ratio_test(base, cand), median_ratio_test(base, cand)
-    assert a == b  # same data, same seed: same interval
+    a = ratio_test(base, cand)
+    assert a == ratio_test(base, cand)  # no resampling: same data, same answer
     assert a.low < 1.1 < a.high and a.regressed(0.05) and a.p_value < 1e-6
-    same = median_ratio_test(base, rng.lognormal(0, 0.1, 300))
+    same = ratio_test(base, rng.lognormal(0, 0.1, 300))
     assert same.low < 1 < same.high and not same.regressed(0.05) and same.p_value > 0.001
+    # the 95 % interval covers the true ratio in about 95 % of repeated experiments
+    hits = 0
+    for _ in range(300):
+        t = ratio_test(rng.lognormal(0, 0.2, 40), 1.07 * rng.lognormal(0, 0.2, 40))
+        hits += t.low <= 1.07 <= t.high
+    assert 0.90 <= hits / 300 <= 0.99
     with pytest.raises(ValueError, match="at least 2"):
-        median_ratio_test([1.0], [1.0, 2.0])
+        ratio_test([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        ratio_test([1.0, 0.0], [1.0, 2.0])
+
+
+def test_a_two_mode_machine_moves_the_median_ratio_not_the_hodges_lehmann_one():
+    """Steps at two speeds (a neighbour's job on and off): 10 % slower everywhere, but the candidate caught
+    fewer slow-mode steps. The ratio of medians jumps between the modes; Hodges–Lehmann stays near 1.1."""
+    rng = np.random.default_rng(3)
+    base = np.r_[rng.normal(80, 2, 45), rng.normal(100, 2, 55)]
+    cand = 1.1 * np.r_[rng.normal(80, 2, 55), rng.normal(100, 2, 45)]
+    t = ratio_test(base, cand)
+    assert np.median(cand) / np.median(base) < 1.0  # the medians sit in different modes: "faster"
+    assert 1.07 < t.ratio < 1.12
+    assert t.regressed(0.05)
+
+
+def test_large_samples_are_thinned_not_refused():
+    rng = np.random.default_rng(4)
+    t = ratio_test(rng.lognormal(0, 0.1, 5000), 1.2 * rng.lognormal(0, 0.1, 5000))
+    assert t.n_baseline == t.n_candidate == 5000 and t.low < 1.2 < t.high and t.high / t.low < 1.05
 
 
 def test_a_ten_percent_slowdown_exits_1_and_says_what_changed(store):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from lowres.bench import measure
 from lowres.bench.selection import SelectionError, run_key
-from lowres.bench.stats import RatioTest, median_ratio_test
+from lowres.bench.stats import RatioTest, ratio_test
 from lowres.tracking.runs import TAG_GIT_SHA, TAG_VERSION_PREFIX
 
 METRICS = {"step_time": (measure.STEP_SECONDS, "train/step_seconds"),
@@ -51,7 +51,7 @@ class Report:
 
 
 def regress(client, baseline: list, candidate: list, *, metrics: list[str], threshold: float = 0.05,
-            confidence: float = 0.95, seed: int = 0) -> Report:
+            confidence: float = 0.95) -> Report:
     """Compare the two sides' distributions for each (config hash, fingerprint) they share."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -77,7 +77,7 @@ def regress(client, baseline: list, candidate: list, *, metrics: list[str], thre
             if len(b) < 2 or len(c) < 2:
                 raise SelectionError(f"{comp.workload}: too few {metric} values to compare ({len(b)} baseline, "
                                      f"{len(c)} candidate)", hint="benchmark with more steps or --repeats")
-            comp.tests[metric] = median_ratio_test(b, c, confidence=confidence, seed=seed)
+            comp.tests[metric] = ratio_test(b, c, confidence=confidence)
         comparisons.append(comp)
     unmatched = [r.info.run_id for k, rs in {**base_groups, **cand_groups}.items() if k not in shared for r in rs]
     return Report(threshold, comparisons, unmatched, what_changed(baseline, candidate))

@@ -109,16 +109,17 @@ def regress(
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, help="Relative change that counts (0.05 = 5 %).")] = 0.05,
     metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="step_time and/or peak_memory "
                                                      "(repeatable; default both).")] = None,
-    confidence: Annotated[float, typer.Option("--confidence", min=0.5, max=0.999, help="Of the bootstrap interval.")] = 0.95,
+    confidence: Annotated[float, typer.Option("--confidence", min=0.5, max=0.999, help="Of the ratio's interval.")] = 0.95,
     experiment: ExperimentOpt = "lowres-bench",
     tracking_uri: UriOpt = None,
 ) -> None:
     """Is the candidate slower or hungrier than the baseline? Exit 1 on a regression, 0 otherwise, 2 on a bad
     selection.
 
-    Compares per-step distributions, only between runs of the same config hash and hardware fingerprint: a
-    bootstrap confidence interval of the ratio of medians (seeded) and the one-sided Mann–Whitney U test. A
-    regression is a ratio above 1 + threshold whose whole interval lies above 1.
+    Compares per-step distributions, only between runs of the same config hash and hardware fingerprint: the
+    Hodges–Lehmann ratio (the median of candidate/baseline over all pairs of steps) with its distribution-free
+    confidence interval, and the one-sided Mann–Whitney U test. A regression is a ratio above 1 + threshold
+    whose whole interval lies above 1.
     """
     from lowres.bench.regress import regress as run_regress
     from lowres.bench.selection import select
@@ -139,7 +140,7 @@ def regress(
 
 def _print_report(console: Console, report) -> None:
     conf = next(iter(report.comparisons[0].tests.values())).confidence
-    table = Table(title=f"lowres regress · candidate / baseline: ratio of medians, {conf:.0%} bootstrap interval",
+    table = Table(title=f"lowres regress · candidate / baseline: Hodges–Lehmann ratio, {conf:.0%} interval",
                   caption="config hash · hardware fingerprint under each workload")
     for col, justify in (("workload", "left"), ("metric", "left"), ("n", "right"), ("ratio", "right"),
                          ("interval", "right"), ("MW p", "right"), ("verdict", "left")):
