@@ -178,3 +178,17 @@ def test_tune_auto_dry_run_on_tiny_writes_a_loadable_config(tmp_path, monkeypatc
         assert m[f"advisor/{key}"] > 0
     # the probes calibrated this machine: the next advice starts from them
     assert C.cache_path().is_file()
+
+
+def test_calibration_keeps_a_time_factor_per_compute_dtype():
+    """fp32 probes run at 1.5x their prediction, bf16 at 3x: each dtype's prediction gets its own factor."""
+    def point(compute, b, k):
+        return C.ProbePoint(candidate={"quant": "none", "compute": compute, "batch_size": b}, transient_bytes=1e8 * b,
+                            persistent_bytes=3e8, predicted_peak_bytes=1e9, predicted_step_s=0.1 * b,
+                            measured_peak_bytes=1e9, measured_step_s=0.02 + k * 0.1 * b, fits=True)
+
+    cal = C.fit_calibration([point("bf16", 1, 3.0), point("bf16", 4, 3.0), point("fp32", 2, 1.5)])
+    assert cal.step_overhead_s == pytest.approx(0.02)
+    assert cal.time_factor_for("none", "bf16") == pytest.approx(3.0)
+    assert cal.time_factor_for("none", "fp32") == pytest.approx(1.5, rel=1e-3)
+    assert cal.time_factor_for("none", "fp16") == cal.time_factor == pytest.approx(3.0)  # the most probed dtype

@@ -18,7 +18,9 @@ The fit (``fit_calibration``), from the uncalibrated predictions of each probe:
   Python, the optimizer, small kernels; k: the share of peak FLOP/s real steps reach). Fitted by least
   squares with two or more distinct predictions, else c = 0 and k = measured/predicted. A separate k is kept
   per quantization where probes of it exist, because bitsandbytes dequantises on the CPU at a speed the
-  copy-bandwidth roofline does not predict (issue 4: measure, don't assume).
+  copy-bandwidth roofline does not predict (measure, don't assume), and per compute dtype among the
+  unquantized probes: on the development CPU the prior's bf16:fp32 time ratio was off by about 1.3x
+  (bench/advisor_accuracy.py), which probes of both dtypes correct.
 """
 
 from __future__ import annotations
@@ -131,18 +133,29 @@ def fit_calibration(points: list[ProbePoint]) -> Calibration:
         by_quant: dict[str, list[ProbePoint]] = {}
         for p in timed:
             by_quant.setdefault(p.candidate.get("quant", "none"), []).append(p)
-        # the overhead c comes from the unquantized probes when there are two distinct ones (else all)
+        # the overhead c comes from the unquantized probes of the most probed compute dtype when they hold two
+        # distinct predictions (else from all probes): one line per dtype, as each reaches its own share of peak
         base = by_quant.get("none") or timed
-        xs = [p.predicted_step_s for p in base]
+        by_compute: dict[str, list[ProbePoint]] = {}
+        for p in base:
+            by_compute.setdefault(p.candidate.get("compute", "?"), []).append(p)
+        main = max(by_compute.values(), key=len)
+        xs = [p.predicted_step_s for p in main]
         # an intercept from two nearly equal predictions is noise: demand a 1.5x spread
-        fitted = _line_fit(xs, [p.measured_step_s for p in base]) if max(xs) >= 1.5 * min(xs) else None
+        fitted = _line_fit(xs, [p.measured_step_s for p in main]) if max(xs) >= 1.5 * min(xs) else None
         overhead = fitted[0] if fitted and fitted[0] >= 0 and fitted[1] > 0 else 0.0
-        factors = {q: statistics.median([(p.measured_step_s - overhead) / p.predicted_step_s for p in ps])
-                   for q, ps in by_quant.items()}
-        factors = {q: f for q, f in factors.items() if f > 0}
+
+        def factor(ps: list[ProbePoint]) -> float:
+            return statistics.median([(p.measured_step_s - overhead) / p.predicted_step_s for p in ps])
+
+        factors = {q: f for q, ps in by_quant.items() if (f := factor(ps)) > 0}
+        per_compute = {c: f for c, ps in by_compute.items() if (f := factor(ps)) > 0} if "none" in by_quant else {}
         if factors:
-            cal["time_factor"] = factors.get("none", statistics.median(factors.values()))
+            main_compute = main[0].candidate.get("compute", "?")
+            cal["time_factor"] = per_compute.get(main_compute) or factors.get("none") or statistics.median(
+                factors.values())
             cal["time_factor_by_quant"] = factors
+            cal["time_factor_by_compute"] = per_compute or None
             cal["step_overhead_s"] = overhead
     return Calibration(**cal)
 

@@ -57,7 +57,9 @@ class Calibration:
     """Per-machine corrections learned from probes (lowres.advisor.calibrate fits them); defaults = none.
 
     peak = memory_factor · (runtime_bytes + persistent + allocator_scale · A · transient), A the allocator
-    factor of lowres.advisor.memory, runtime_bytes its baseline where None; step = time_factor_by_quant.get(quant, time_factor) · roofline time + step_overhead_s.
+    factor of lowres.advisor.memory, runtime_bytes its baseline where None; step = k · roofline time +
+    step_overhead_s, k the factor of the candidate's quantization where probes of it ran, else of its
+    compute dtype (fp32 and bf16 reach different shares of their peaks), else ``time_factor``.
     """
 
     memory_factor: float = 1.0
@@ -67,9 +69,12 @@ class Calibration:
     allocator_scale: float = 1.0
     step_overhead_s: float = 0.0
     time_factor_by_quant: dict[str, float] | None = None
+    time_factor_by_compute: dict[str, float] | None = None  # unquantized probes, per compute dtype
 
-    def time_factor_for(self, quant: str) -> float:
-        return (self.time_factor_by_quant or {}).get(quant, self.time_factor)
+    def time_factor_for(self, quant: str, compute: str | None = None) -> float:
+        if quant != "none" and quant in (self.time_factor_by_quant or {}):
+            return self.time_factor_by_quant[quant]
+        return (self.time_factor_by_compute or {}).get(compute, self.time_factor)
 
 
 @dataclass
@@ -224,7 +229,7 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     rl = roofline if roofline is not None else getattr(hw, "roofline", None)
     dq = C.dequant_bytes_per_step(spec, e, cand.quant, cand.double_quant, cand.gradient_checkpointing)
     seconds = C.step_seconds(flops, dq, rl, compute, cand.quant, device)
-    step = None if seconds is None else seconds * cal.time_factor_for(cand.quant) + cal.step_overhead_s
+    step = None if seconds is None else seconds * cal.time_factor_for(cand.quant, compute) + cal.step_overhead_s
 
     warnings = _warnings(hw, cand, compute, memory, peak)
     if step is None:
