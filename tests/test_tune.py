@@ -192,3 +192,29 @@ def test_calibration_keeps_a_time_factor_per_compute_dtype():
     assert cal.time_factor_for("none", "bf16") == pytest.approx(3.0)
     assert cal.time_factor_for("none", "fp32") == pytest.approx(1.5, rel=1e-3)
     assert cal.time_factor_for("none", "fp16") == cal.time_factor == pytest.approx(3.0)  # the most probed dtype
+
+
+def test_a_close_call_is_probed_again_and_decided_on_pooled_steps():
+    """Micro-batch 1 looks 5 % faster in one probe, but a second probe of each says otherwise: the runoff
+    pools both probes' steps and picks micro-batch 2. A clear winner is not probed again."""
+    calls: dict[int, int] = {}
+    steps_by_batch = {1: [1.00, 1.30], 2: [1.05, 1.05], 4: [2.0, 2.0]}
+
+    def probe_fn(cfg, cap_bytes, steps, warmup, timeout_s):
+        b = cfg.train.batch_size
+        i = calls[b] = calls.get(b, 0) + 1
+        step = steps_by_batch[b][i - 1]
+        tokens = b * cfg.data.max_length * cfg.train.grad_accum
+        return ProbeResult(fits=True, peak_rss_bytes=10**9, step_s=step, tokens_per_s=tokens / step,
+                           step_times=[9.0] * warmup + [step] * 3, cap_bytes=cap_bytes, reason="fake")
+
+    spec, hw = load_spec("tiny"), load_profile("laptop-8g-avx2")
+    cfg = load_config(None, ["model.name=tiny", "data.max_length=64", "train.batch_size=4"], use_env=False)
+    s = Searcher(spec, hw, cfg, roofline=Roofline(fp32_flops=3e11, bf16_flops=3e11, source="measured"),
+                 probe_fn=probe_fn, record=False)
+    base = s.base.model_copy(update={"compute": "fp32", "quant": "none"})
+    one, two, four = (s.run_probe(base.model_copy(update={"batch_size": b})) for b in (1, 2, 4))
+    assert one.tokens_per_s > two.tokens_per_s
+    assert s.faster(one, two) is two and calls == {1: 2, 2: 2, 4: 1}
+    assert one.probes == two.probes == 2 and one.probe.step_s == pytest.approx(1.15)
+    assert s.faster(two, four) is two and calls[4] == 1  # twice as fast: no runoff

@@ -184,12 +184,13 @@ def _child_logger(cfg: Any, hw: Any, parent: Any, on_trial: Callable | None) -> 
     def log(event: str, trial: Trial) -> None:
         if on_trial:
             on_trial(event, trial)
-        if event != "done" or not parent:
+        if event not in ("done", "rerun-done") or not parent:
             return
         from lowres.tracking import end_run, log_metrics, log_params, start_run
 
         c, p, est = trial.candidate, trial.probe, trial.estimate
-        child = start_run(cfg.tracking.experiment, run_name=f"probe-{c.compute}-{c.quant}-r{c.lora_rank}-b{c.batch_size}",
+        again = "-again" if event == "rerun-done" else ""  # a runoff: its figures pool both probes
+        child = start_run(cfg.tracking.experiment, run_name=f"probe-{c.compute}-{c.quant}-r{c.lora_rank}-b{c.batch_size}{again}",
                           tracking_uri=parent.tracking_uri, fingerprint=hw.fingerprint, tier=hw.tier,
                           tags={"mlflow.parentRunId": parent.run_id, "lowres.command": "tune-probe",
                                 "lowres.advisor.fits": str(p.fits), "lowres.advisor.reason": p.reason[:500]})

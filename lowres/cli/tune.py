@@ -101,6 +101,12 @@ class ProbeDisplay:
         if event == "start":
             self.status.update(f"probe {len(self.rows) + 1}: {name} — predicted "
                                f"{trial.estimate.peak_bytes / GIB:.2f} GiB, running a few capped steps …")
+        elif event == "rerun-start":
+            self.status.update(f"probing {name} again: too close to another candidate to call from one probe …")
+        elif event == "rerun-done":
+            p = trial.probe
+            self.console.print(f"  again: {name}: {p.tokens_per_s or 0:,.0f} tokens/s over both probes "
+                               f"({p.wall_s:.0f} s in all)", highlight=False)
         else:
             self.rows.append((name, trial))
             p = trial.probe
