@@ -33,6 +33,15 @@ def test_pipeline_reports_every_figure(run):
     assert (out / "student" / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_detect_on_the_written_test_split_repeats_the_students_f1(run):
+    from lowres.anomaly.detect import detect_file
+
+    out, r = run
+    res = detect_file(out / "student", out / "test_sessions.csv")
+    assert res.kind == "sessions" and len(res.labels) == 20 and res.labels.sum() == 10
+    assert res.metrics["f1"] == pytest.approx(r["f1_student"])
+
+
 def test_detect_labelled_csv_and_raw_lines(run, tmp_path):
     from lowres.anomaly.detect import detect_file
 
@@ -82,3 +91,14 @@ def test_shipped_configs_validate(tmp_path):
     assert fed.clients == 3 and fed.run_config().model.name == "tiny"
     with pytest.raises(Exception, match="aggregate"):
         load_anomaly_config(None, ["aggregate=median"])
+
+
+def test_a_rerun_in_the_same_folder_trains_afresh(run):
+    """The federation folders an earlier run left are replaced, not resumed (which would train no teacher)."""
+    from lowres.anomaly.pipeline import load_anomaly_config, run_pipeline
+
+    out, first = run
+    said: list[str] = []
+    again = run_pipeline(load_anomaly_config(None, SMALL + [f"output_dir={out}"]), say=said.append)
+    assert any("replacing" in s and "fedavg" in s for s in said)
+    assert 0.0 <= again["f1_fedavg"] <= 1.0 and again["fedavg_bytes_per_client"] == first["fedavg_bytes_per_client"]

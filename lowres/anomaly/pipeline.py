@@ -18,6 +18,7 @@ the training file that no teacher trained on (the student's is 0.5 on its own pr
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import threading
 import time
@@ -99,7 +100,15 @@ def split_data(cfg: AnomalyConfig) -> dict[str, Any]:
     pub_idx = rng.permutation(np.concatenate([pos[half:need_pos], neg[half:need_neg]]))
     text = lambda idx: [render_ids(rows[i][0], templates) for i in idx]  # noqa: E731
     return {"train": train, "calib": calib, "public": text(pub_idx), "public_y": y[pub_idx],
-            "test": text(test_idx), "test_y": y[test_idx]}
+            "test": text(test_idx), "test_y": y[test_idx], "test_ids": [rows[i][0] for i in test_idx]}
+
+
+def write_sessions_csv(path: Path, sessions: list[list[str]], labels) -> Path:
+    """A ``Sequence,label`` CSV in the shipped file's form (event ids E1..E30), which `lowres anomaly detect`
+    reads back."""
+    lines = ["Sequence,label"] + [f"{' '.join(ids)},{int(y)}" for ids, y in zip(sessions, labels)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _threshold_detector(teacher, train_texts: list[str], test: list[str],
@@ -151,10 +160,18 @@ def run_pipeline(cfg: AnomalyConfig, say=print) -> dict[str, Any]:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A rerun in the same folder starts afresh: a federation folder left by an earlier run would be resumed
+    # from its last global adapter (lowres fed's restart behaviour), its rounds done, and no teacher trained.
+    for sub in ("teachers", "fedavg"):
+        if (out / sub).exists():
+            say(f"note: replacing {out / sub} from an earlier run")
+            shutil.rmtree(out / sub)
     t_start = time.perf_counter()
     data = split_data(cfg)
     normal_txt = out / "normal_sessions.txt"
     normal_txt.write_text("\n".join(data["train"]) + "\n")
+    # the held-out split, so `lowres anomaly detect test_sessions.csv --model <out>/student` repeats the F1
+    write_sessions_csv(out / "test_sessions.csv", data["test_ids"], data["test_y"])
     say(f"data: {len(data['train'])} normal training sessions over {cfg.clients} clients, public set "
         f"{len(data['public'])} ({int(data['public_y'].sum())} anomalous, labels hidden), test "
         f"{len(data['test'])} balanced")

@@ -15,6 +15,7 @@ its config and seed, as federated clients rebuild the teacher's base.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -135,7 +136,10 @@ def save_student(student: Student, folder: str | Path) -> Path:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise in the pipeline's report
     try:
-        student.model.get_base_model().save_pretrained(str(d / "base"))
+        # the frozen base as a plain model: peft wraps its linears in place (q_proj.base_layer.weight, …), and a
+        # plain from_pretrained would not find q_proj.weight there and silently re-initialise them. A copy
+        # is unloaded (LoRA layers removed, not merged; the score head back to its original) — a few hundred kB.
+        copy.deepcopy(student.model).unload().save_pretrained(str(d / "base"))
     finally:
         if bars:
             hf_logging.enable_progress_bar()
