@@ -15,7 +15,6 @@ its config and seed, as federated clients rebuild the teacher's base.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
@@ -126,27 +125,15 @@ def student_tensors(student: Student) -> dict[str, np.ndarray]:
     return state_to_numpy(get_peft_model_state_dict(student.model))
 
 
-@contextlib.contextmanager
-def _no_hf_bars():
-    """transformers' one-shard "Writing model shards" / "Loading weights" bars are noise beside a report."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def save_student(student: Student, folder: str | Path) -> Path:
     """The adapter + head (safetensors), the base model's config and weights, the tokenizer, meta.json."""
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
     student.model.save_pretrained(str(d / "adapter"))
     # the base too (a few hundred kB): `detect` then needs nothing but this folder, whatever the seed rules
-    with _no_hf_bars():
+    from lowres.models.loading import quiet_hf_progress
+
+    with quiet_hf_progress():
         # the frozen base as a plain model: peft wraps its linears in place (q_proj.base_layer.weight, …), and a
         # plain from_pretrained would not find q_proj.weight there and silently re-initialise them. A copy
         # is unloaded (LoRA layers removed, not merged; the score head back to its original) — a few hundred kB.
@@ -165,7 +152,9 @@ def load_student(folder: str | Path) -> Student:
     if not (d / "meta.json").is_file():
         raise FileNotFoundError(f"{d} holds no student (meta.json missing): train one with `lowres anomaly run`")
     meta = json.loads((d / "meta.json").read_text())
-    with _no_hf_bars():
+    from lowres.models.loading import quiet_hf_progress
+
+    with quiet_hf_progress():
         base = LlamaForSequenceClassification.from_pretrained(str(d / "base"))
     model = PeftModel.from_pretrained(base, str(d / "adapter"))
     model.eval()

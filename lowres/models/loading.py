@@ -52,8 +52,9 @@ def bnb_config(rp: ResolvedPrecision):
 
 
 @contextlib.contextmanager
-def _quiet_progress():
-    # "Loading weights" bars are noise in a run's console next to lowres's own progress bar.
+def quiet_hf_progress():
+    """No transformers progress bars ("Loading weights", "Writing model shards") inside: noise in a run's
+    console next to lowres's own progress bar or report."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
@@ -80,7 +81,7 @@ def _base_model(loc: Any, rp: ResolvedPrecision, device: str, seed: int):
 
     quant = bnb_config(rp)
     dtype = torch_dtype(rp.weights_dtype)
-    with _quiet_progress():
+    with quiet_hf_progress():
         if loc.kind == "random-init" and quant is None:
             return _random_model(loc, dtype, seed).to(device)
         if loc.kind == "random-init":
