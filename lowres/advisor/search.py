@@ -208,6 +208,10 @@ class Searcher:
                 first, step_s=step, tokens_per_s=tokens_per_step / step, step_times=first.step_times + again.step_times,
                 peak_rss_bytes=max(first.peak_rss_bytes or 0, again.peak_rss_bytes or 0), wall_s=first.wall_s + again.wall_s,
                 reason="ran (two probes pooled)")
+            if (trial.probe.peak_rss_bytes or 0) > self.limit:  # the second probe went past the line
+                trial.probe.fits = False
+                trial.probe.reason = (f"ran, but its peak {trial.probe.peak_rss_bytes / GIB:.2f} GiB (second "
+                                      f"probe) is above the {self.limit / GIB:.2f} GiB budget line")
             key = trial.candidate.model_dump(mode="json")
             for point in self.points:
                 if point.candidate == key:
