@@ -36,6 +36,7 @@ from lowres.train.timing import PHASES, PhaseTimer
 
 SYSTEM_WINDOW_S = 10.0  # one MLflow system/ point (mean and peak) per window of profiler samples
 
+
 @dataclass
 class TrainResult:
     """What a run (or a slice of one) did. Means leave out the first ``warmup_ignore_steps`` steps."""
