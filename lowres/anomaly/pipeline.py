@@ -9,8 +9,9 @@ Data (all from lowres/anomaly/data, rendered through the templates):
     test set        a balanced held-out split of the labelled file, disjoint (by row) from the public set
 
 Method (one-shot): each client trains a teacher alone → scores the public set (accuracy, mean and max token
-loss per session, each session framed by EOS as in training so its end is judged too: the only upload) → the server aggregates, takes top-k / bottom-k as pseudo-labels and trains the student →
-the student (adapter + head) goes down. Baseline: ``fedavg_rounds`` rounds of FedAvg over the teachers'
+loss per session, each session framed by EOS as in training so its end is judged too: the only upload) → the
+server aggregates, takes top-k / bottom-k as pseudo-labels and trains the student → the student (adapter +
+head) goes down. Baseline: ``fedavg_rounds`` rounds of FedAvg over the teachers'
 adapters (both ways each round), its detector the global teacher with a threshold on ``score``. Every threshold
 is chosen without test labels: the ``threshold_quantile`` of the teacher's score on normal sessions from
 the training file that no teacher trained on (the student's is 0.5 on its own probability).
