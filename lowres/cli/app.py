@@ -22,7 +22,27 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # -h as well as --help on every command and group: click hands these down to every subcommand
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("lowres")
+        except metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+            version = "unknown (not installed)"
+        typer.echo(f"lowres {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the lowres version and exit.")) -> None:
+    """Fine-tune small language models on modest hardware — measured and predictable."""
 
 # (module under lowres.cli, command name, function name). Imports inside each command are lazy, so
 # `lowres --help` and `lowres hw` never pay for torch or mlflow.
