@@ -26,6 +26,7 @@ dropped mass is delayed rather than lost (Seide et al. 2014; Karimireddy et al. 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -126,14 +127,45 @@ def _pack_header(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"names": names, "shapes": shapes}
 
 
-def _read_header(parts: dict[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
-    names = parts["names"].tobytes().decode().split("\n") if parts["names"].size else []
-    dims, out, i = parts["shapes"].tolist(), [], 0
+def _read_header(parts: dict[str, np.ndarray], max_ndim: int = 8) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) per tensor from the names/shapes parts; ValueError on anything a codec did not write
+    (bad UTF-8, repeated names, a shapes list too short or too long, negative sizes, > ``max_ndim`` axes)."""
+    names_part, shapes_part = parts["names"], parts["shapes"]
+    if names_part.dtype != np.uint8 or names_part.ndim != 1:
+        raise ValueError(f"wire names are {names_part.dtype} {names_part.shape}, expected 1-D uint8")
+    if shapes_part.dtype.kind not in "iu" or shapes_part.ndim != 1:
+        raise ValueError(f"wire shapes are {shapes_part.dtype} {shapes_part.shape}, expected 1-D integers")
+    names = names_part.tobytes().decode("utf-8").split("\n") if names_part.size else []
+    if len(set(names)) != len(names):
+        raise ValueError("wire names repeat a tensor name")
+    dims, out, i = shapes_part.tolist(), [], 0
     for name in names:
+        if i >= len(dims):
+            raise ValueError(f"wire shapes end before tensor {name!r} ({len(dims)} numbers for {len(names)} names)")
         nd = dims[i]
-        out.append((name, tuple(dims[i + 1:i + 1 + nd])))
+        if not 0 <= nd <= max_ndim or i + 1 + nd > len(dims):
+            raise ValueError(f"wire shapes: tensor {name!r} claims {nd} axes, with {len(dims) - i - 1} numbers left")
+        shape = tuple(int(d) for d in dims[i + 1:i + 1 + nd])
+        if any(d < 0 for d in shape):
+            raise ValueError(f"wire shapes: tensor {name!r} has a negative size {shape}")
+        out.append((name, shape))
         i += 1 + nd
+    if i != len(dims):
+        raise ValueError(f"wire shapes hold {len(dims) - i} numbers more than {len(names)} tensors need")
     return out
+
+
+def _need(parts: dict[str, np.ndarray], key: str, dtypes: str | tuple[str, ...], size: int) -> np.ndarray:
+    """Part ``key``: 1-D, of one of ``dtypes``, with exactly ``size`` elements; ValueError otherwise."""
+    if key not in parts:
+        raise ValueError(f"wire arrays lack part {key!r}")
+    a = parts[key]
+    dtypes = (dtypes,) if isinstance(dtypes, str) else dtypes
+    if str(a.dtype) not in dtypes or a.ndim != 1:
+        raise ValueError(f"wire part {key!r} is {a.dtype} {a.shape}, expected 1-D {'/'.join(dtypes)}")
+    if a.size != size:
+        raise ValueError(f"wire part {key!r} holds {a.size} values, expected {size}")
+    return a
 
 
 def _values_out(v: np.ndarray, how: str, sizes: list[int]) -> dict[str, np.ndarray]:
@@ -153,11 +185,15 @@ def _values_out(v: np.ndarray, how: str, sizes: list[int]) -> dict[str, np.ndarr
 
 
 def _values_in(parts: dict[str, np.ndarray], sizes: list[int]) -> list[np.ndarray]:
+    total = sum(sizes)
     if "v" in parts or "h" in parts:
-        flat = (parts["v"] if "v" in parts else parts["h"]).astype(np.float32)
+        flat = _need(parts, "v", "float32", total) if "v" in parts else _need(parts, "h", "float16", total)
+        flat = flat.astype(np.float32)
         return np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
-    blocks = np.split(parts["q"], np.cumsum(sizes)[:-1]) if sizes else []
-    return [b.astype(np.float32) * s for b, s in zip(blocks, parts["vscale"])]
+    q = _need(parts, "q", "int8", total)
+    vscale = _need(parts, "vscale", "float32", len(sizes))
+    blocks = np.split(q, np.cumsum(sizes)[:-1]) if sizes else []
+    return [b.astype(np.float32) * s for b, s in zip(blocks, vscale)]
 
 
 def encode(tensors: dict[str, np.ndarray], codec: Codec | str) -> dict[str, np.ndarray]:
@@ -211,42 +247,67 @@ def encode(tensors: dict[str, np.ndarray], codec: Codec | str) -> dict[str, np.n
     raise ValueError(f"unknown codec kind {codec.kind!r}")
 
 
-def decode(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Wire arrays from any codec (the part names say which) → ``{name: float32 array}`` in the sent shapes."""
+def decode(parts: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]] | None = None,
+           max_elements: int | None = None) -> dict[str, np.ndarray]:
+    """Wire arrays from any codec (the part names say which) → ``{name: float32 array}`` in the sent shapes.
+
+    Everything is checked before anything is allocated from it: the header (names, shapes) must parse, match
+    ``expected`` (``{name: shape}``, what the receiver asked for) when given and total at most
+    ``max_elements``; every part must have the dtype and length the header implies; top-k positions must lie
+    inside their tensor. ValueError says what did not fit."""
     if "names" not in parts or "shapes" not in parts:
         raise ValueError(f"wire arrays {sorted(parts)} lack names/shapes: not written by lowres' codecs")
     header = _read_header(parts)
-    sizes = [int(np.prod(s)) for _, s in header]
+    if expected is not None:
+        got = dict(header)
+        if set(got) != set(expected):
+            missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+            raise ValueError(f"tensor names differ (missing {missing[:2]}, unexpected {extra[:2]})")
+        for n, shape in got.items():
+            if shape != tuple(expected[n]):
+                raise ValueError(f"{n}: shape {shape}, expected {tuple(expected[n])}")
+    sizes = [math.prod(s) for _, s in header]
+    total = sum(sizes)
+    if max_elements is not None and total > max_elements:
+        raise ValueError(f"wire header claims {total} elements, more than the {max_elements} allowed")
     bounds = np.cumsum(sizes)[:-1] if sizes else []
     if "f32" in parts or "f16" in parts or "i8" in parts:
-        flat = parts.get("f32", parts.get("f16", parts.get("i8")))
-        if flat.size != sum(sizes):
-            raise ValueError(f"wire arrays hold {flat.size} values for tensors of {sum(sizes)} elements")
-        blocks = np.split(flat, bounds)
-        if "i8" not in parts:
+        key, dtype = next((k, d) for k, d in (("f32", "float32"), ("f16", "float16"), ("i8", "int8")) if k in parts)
+        flat = _need(parts, key, dtype, total)
+        if key != "i8":
+            blocks = np.split(flat, bounds)
             return {n: b.astype(np.float32).reshape(s) for (n, s), b in zip(header, blocks)}
-        per_channel = bool(parts["perchan"][0])
+        perchan = _need(parts, "perchan", "uint8", 1)
+        per_channel = bool(perchan[0])
+        axes = [channel_axis(s) if per_channel else None for _, s in header]
+        nscales = [1 if ax is None else s[ax] for ax, (_, s) in zip(axes, header)]
+        scales = _need(parts, "scale", "float32", sum(nscales))
+        blocks = np.split(flat, bounds)
         out, si = {}, 0
-        for (n, s), b in zip(header, blocks):
-            axis = channel_axis(s) if per_channel else None
-            ns = 1 if axis is None else s[axis]
-            out[n] = _dequantize_int8(b.reshape(s), parts["scale"][si:si + ns], per_channel)
+        for (n, s), b, ns in zip(header, blocks, nscales):
+            out[n] = _dequantize_int8(b.reshape(s), scales[si:si + ns], per_channel)
             si += ns
         return out
     if "idx" in parts:
-        counts = parts["count"].tolist()
-        idxs = np.split(parts["idx"].astype(np.int64), np.cumsum(counts)[:-1]) if counts else []
+        counts_part = _need(parts, "count", ("int32", "int64"), len(header))
+        counts = counts_part.tolist()
+        if any(not 0 <= c <= size for c, size in zip(counts, sizes)):
+            raise ValueError("wire top-k counts exceed their tensors' sizes")
+        idx_all = _need(parts, "idx", ("int32", "int64"), sum(counts))
+        idxs = np.split(idx_all.astype(np.int64), np.cumsum(counts)[:-1]) if counts else []
+        for (n, s), size, idx in zip(header, sizes, idxs):
+            if idx.size and (idx.min() < 0 or idx.max() >= size):
+                raise ValueError(f"{n}: top-k index out of range for shape {s}")
         vals = _values_in(parts, counts)
         out = {}
         for (n, s), size, idx, v in zip(header, sizes, idxs, vals):
-            if idx.size and (idx.min() < 0 or idx.max() >= size):
-                raise ValueError(f"{n}: top-k index out of range for shape {s}")
             dense = np.zeros(size, np.float32)
             dense[idx] = v
             out[n] = dense.reshape(s)
         return out
     if "mask" in parts:
-        mask = np.unpackbits(parts["mask"], count=sum(sizes)).astype(bool)
+        packed = _need(parts, "mask", "uint8", (total + 7) // 8)
+        mask = np.unpackbits(packed, count=total).astype(bool)
         keeps = np.split(mask, bounds) if sizes else []
         vals = _values_in(parts, [int(k.sum()) for k in keeps])
         out = {}

@@ -60,7 +60,19 @@ class CompressionConfig(_Section):
 class StrategyConfig(_Section):
     fedprox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight μ; 0 = plain FedAvg")
     norm_factor: float | None = Field(10.0, gt=1, description="reject updates whose norm exceeds this × the "
-                                      "median norm of the round; null = no norm check")
+                                      "median norm of the round (with 1-2 updates: × the previous global "
+                                      "update's norm); null = no norm check")
+    aggregator: Literal["fedavg", "median", "trimmed_mean"] = Field(
+        "fedavg", description="fedavg: weighted mean; median / trimmed_mean: coordinate-wise, unweighted, robust "
+        "to a minority of arbitrary updates")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: fraction of values dropped at "
+                                 "each end per coordinate (at least one each end from 3 updates)")
+    weighting: Literal["samples", "equal"] = Field(
+        "samples", description="fedavg weights: the num_examples each client reports (capped below), or equal")
+    max_examples: int | None = Field(None, ge=1, description="the most num_examples one reply may weigh (a "
+                                     "client reports its own count); null = no absolute cap")
+    max_weight_ratio: float | None = Field(2.0, ge=1, description="a reply weighs at most this × the round's "
+                                           "lower-median num_examples; null = no relative cap")
 
 
 class RobustnessConfig(_Section):

@@ -11,14 +11,21 @@ The aggregation rules themselves live in ``strategy.py`` as pure functions.
 A round: wait (bounded) for nodes → ask new nodes who they are (partition, rank; a small QUERY message) →
 send each sampled node the global adapter at its rank, encoded by the downlink codec → collect replies until
 ``round_timeout_s`` → record errors and silent nodes as failures → decode and screen updates (NaN/Inf, shapes,
-norm) → FedAvg the accepted ones if there are at least ``min_clients`` (else the global stays) → save the
-global adapter (safetensors) → centralised eval. After the last round one EVALUATE message per node gives the
-federated eval loss of the final adapter.
+norm) → aggregate the accepted ones (FedAvg, median or trimmed mean) if there are at least ``min_clients``
+(else the global stays) → save the global adapter (safetensors) → centralised eval. After the last round one
+EVALUATE message per node gives the federated eval loss of the final adapter.
+
+No client can crash or capture the loop: every step of reading a reply (metrics, sizes, decoding) runs inside
+one guard per reply, so a bad reply is a recorded failure of that client, never of the round; sizes are
+checked against the shapes the server sent *before* anything is allocated (``wire.from_arrayrecord``,
+``compression.decode(expected=…)``); the weight a client's ``num_examples`` buys is capped
+(``strategy.max_examples``, ``strategy.max_weight_ratio``, or ``strategy.weighting: equal``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +37,10 @@ from lowres.federated.compression import encode
 from lowres.federated.config import FedConfig
 from lowres.federated.global_state import save_global
 from lowres.federated.preparation import Prepared, central_eval, prepare
-from lowres.federated.strategy import Update, aggregate, screen, sum_metrics, truncate_to_rank
-from lowres.federated.wire import (ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, content_bytes, from_arrayrecord,
-                                   to_arrayrecord)
+from lowres.federated.replies import read_update, reply_metrics, short_reason
+from lowres.federated.strategy import (aggregate, expected_shapes, screen, sum_metrics, truncate_to_rank, update_norm,
+                                       update_weights)
+from lowres.federated.wire import ARRAYS_KEY, CONFIG_KEY, content_bytes, to_arrayrecord
 
 
 class FederationError(LowresError):
@@ -72,23 +80,42 @@ def _message(content: Any, node: int, kind: str):
     return Message(content=content, dst_node_id=node, message_type=getattr(MessageType, kind))
 
 
-def identify(grid: Any, nodes: list[int], config: dict, timeout_s: float, monitor: Any) -> dict[int, dict]:
-    """Ask nodes who they are: {node: {"partition_id", "rank", "client"}} for those that answered. The query
-    carries the federation's config, from which (and its own node config) a client knows its rank."""
+def identify(grid: Any, nodes: list[int], config: dict, timeout_s: float, monitor: Any,
+             failures: list[dict] | None = None, max_rank: int = 1024) -> dict[int, dict]:
+    """Ask nodes who they are: {node: {"partition_id", "rank", "client"}} for those that answered well. The
+    query carries the federation's config, from which (and its own node config) a client knows its rank. A
+    reply that cannot be read (no metrics, a rank outside 1..``max_rank``, …) leaves its node unknown (never
+    sampled) and is appended to ``failures``."""
     from flwr.app import ConfigRecord, RecordDict
 
     content = RecordDict({CONFIG_KEY: ConfigRecord(config)})
     down = content_bytes(content)
     msgs = [_message(content, n, "QUERY") for n in nodes]
-    out = {}
+    out: dict[int, dict] = {}
+    taken: set[str] = set()
     for reply in grid.send_and_receive(msgs, timeout=timeout_s):
-        if reply.has_error():
-            continue
-        m = reply.content[METRICS_KEY]
-        pid, node = int(m["partition_id"]), reply.metadata.src_node_id
-        out[node] = {"partition_id": pid, "rank": int(m["rank"]), "client": client_name(pid, node)}
-        monitor.sent(out[node]["client"], down)
-        monitor.received(out[node]["client"], content_bytes(reply.content))
+        node = None
+        try:
+            node = reply.metadata.src_node_id
+            if node not in nodes or node in out or reply.has_error():
+                continue
+            m = reply_metrics(reply.content, ("partition_id", "rank"))
+            pid, rank = m["partition_id"], m["rank"]
+            if pid != int(pid) or not -1 <= pid <= 1_000_000:
+                raise ValueError(f"partition_id {pid:g} is not an integer in -1..1000000")
+            if rank != int(rank) or not 1 <= rank <= max_rank:
+                raise ValueError(f"rank {rank:g} is not an integer in 1..{max_rank}")
+            name = client_name(int(pid), node)
+            if name in taken:  # two nodes claiming one partition: the second goes by its node id
+                name = f"node-{node}"
+            taken.add(name)
+            out[node] = {"partition_id": int(pid), "rank": int(rank), "client": name}
+            monitor.sent(name, down)
+            monitor.received(name, content_bytes(reply.content))
+        except Exception as exc:  # one guard per reply: a bad answer leaves that node out, nothing more
+            if failures is not None:
+                failures.append({"client": f"node-{node}", "reason": f"unreadable identity reply: {short_reason(exc)}",
+                                 "rejected": True})
     return out
 
 
@@ -117,12 +144,12 @@ def _payload(tensors: dict[str, np.ndarray], rank: int, codec: str, config: dict
 # ---------------------------------------------------------------------------------------------- rounds
 def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console: Any = None) -> FedResult:
     """Rounds ``prep.start_round`` … ``fed.rounds``, then the federated eval of the final adapter."""
-    from lowres.federated.compression import decode
-
-    rb, result = fed.robustness, FedResult()
+    rb, st, result = fed.robustness, fed.strategy, FedResult()
     known: dict[int, dict] = {}
     tensors = prep.global_tensors
     max_rank = max(x.shape[0] for n, x in tensors.items() if "lora_A" in n)
+    prev_norm: float | None = None  # the last global update's norm: the norm screen's reference below 3 updates
+    answered: set[int] = set()
     say = console.print if console is not None else (lambda *a, **k: None)
     for rnd in range(prep.start_round, fed.rounds + 1):
         t0 = time.perf_counter()
@@ -133,61 +160,77 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
         need = rb.min_available if rnd == prep.start_round else rb.min_clients
         nodes = wait_for_nodes(grid, need, rb.wait_nodes_s)
         new = [n for n in nodes if n not in known]
+        failed: list[dict] = []
         if new:
+            ident_failures: list[dict] = []
             known.update(identify(grid, new, train_config(fed, prep, rnd), min(rb.round_timeout_s, 60.0),
-                                   monitor))
+                                  monitor, ident_failures, max_rank=1024))
+            failed += [{"round": rnd, **f} for f in ident_failures]
         nodes = [n for n in nodes if n in known]
         sample = _sample(nodes, rb.fraction, rb.min_available, rnd, fed.partition.seed)
         config = train_config(fed, prep, rnd)
-        messages, sent = [], {}
+        messages, sent, sent_rank = [], {}, {}
         for n in sample:
-            content = _payload(tensors, min(known[n]["rank"], max_rank), fed.compression.down, config)
+            sent_rank[n] = min(known[n]["rank"], max_rank)
+            content = _payload(tensors, sent_rank[n], fed.compression.down, config)
             sent[n] = content_bytes(content)
             monitor.sent(known[n]["client"], sent[n])
             messages.append(_message(content, n, "TRAIN"))
         replies = list(grid.send_and_receive(messages, timeout=rb.round_timeout_s))
 
-        updates, metrics, weights, failed, up_bytes = [], [], [], [], 0
+        updates, metrics, up_bytes = [], [], 0
         answered = set()
+        shapes = {r: expected_shapes(tensors, r) for r in set(sent_rank.values())}
         for reply in replies:
-            n = reply.metadata.src_node_id
-            answered.add(n)
-            who = known[n]["client"]
-            if reply.has_error():
-                failed.append({"round": rnd, "client": who, "reason": f"error: {reply.error.reason}"})
-                continue
-            nbytes = content_bytes(reply.content)
-            up_bytes += nbytes
-            m = dict(reply.content[METRICS_KEY])
-            m["bytes_up"], m["bytes_down"] = float(nbytes), float(sent[n])
-            monitor.reply(rnd, who, nbytes, m)
+            # one guard per reply: whatever is wrong with it is a recorded failure of that client
+            who = "unknown"
             try:
-                delta = decode(from_arrayrecord(reply.content[ARRAYS_KEY]))
-            except (ValueError, KeyError) as exc:
-                failed.append({"round": rnd, "client": who, "reason": f"undecodable update: {exc}", "rejected": True})
-                continue
-            updates.append(Update(who, delta, int(m.get("num_examples", 0)), int(m.get("rank", 0))))
-            metrics.append(m)
-            weights.append(float(m.get("num_examples", 0)))
+                n = reply.metadata.src_node_id
+                if n not in sent or n in answered:
+                    who = known[n]["client"] if n in known else f"node-{n}"
+                    raise ValueError("a reply nobody asked for (node not sampled this round, or a second reply)")
+                answered.add(n)
+                who = known[n]["client"]
+                if reply.has_error():
+                    failed.append({"round": rnd, "client": who, "reason": f"error: {short_reason(reply.error.reason)}"})
+                    continue
+                try:
+                    nbytes = content_bytes(reply.content)
+                except Exception:  # counted as 0 bytes; the reply is judged below
+                    nbytes = 0
+                up_bytes += nbytes
+                try:
+                    update, m = read_update(reply, who, sent_rank[n], shapes[sent_rank[n]])
+                except Exception:
+                    monitor.reply(rnd, who, nbytes, {"bytes_up": float(nbytes), "bytes_down": float(sent[n])})
+                    raise
+                m["bytes_up"], m["bytes_down"] = float(nbytes), float(sent[n])
+                monitor.reply(rnd, who, nbytes, m)
+                updates.append(update)
+                metrics.append(m)
+            except Exception as exc:
+                failed.append({"round": rnd, "client": who, "reason": f"bad reply: {short_reason(exc)}", "rejected": True})
         for n in sample:
             if n not in answered:
                 monitor.unanswered(known[n]["client"], sent[n])
                 failed.append({"round": rnd, "client": known[n]["client"],
                                "reason": f"no reply within {rb.round_timeout_s:g} s (node gone or too slow)"})
-        ok, rejected = screen(updates, tensors, fed.strategy.norm_factor)
+        ok, rejected = screen(updates, tensors, st.norm_factor, reference_norm=prev_norm)
         failed += [{"round": rnd, "client": r.client, "reason": r.reason, "rejected": True} for r in rejected]
         for f in failed:
             monitor.failure(rnd, f["client"], f["reason"], rejected=f.get("rejected", False))
+        weights = update_weights(ok, st.weighting, st.max_examples, st.max_weight_ratio)
         if len(ok) >= rb.min_clients:
-            tensors = aggregate(tensors, ok)
+            before, tensors = tensors, aggregate(tensors, ok, weights, st.aggregator, st.trim_fraction)
+            prev_norm = update_norm({k: tensors[k] - before[k] for k in tensors})
             status = "aggregated"
         else:
             status = f"kept the global adapter: {len(ok)} accepted updates < min_clients={rb.min_clients}"
             say(f"round {rnd}: {status}", highlight=False)
         path = save_global(prep.fed_dir / "global", rnd, tensors, {"federation": fed.federation, "rank": max_rank})
-        accepted = {id(u) for u in ok}
-        ok_metrics = [m for m, u in zip(metrics, updates) if id(u) in accepted]
-        agg = sum_metrics(ok_metrics, [float(m.get("num_examples", 0)) for m in ok_metrics]) if ok_metrics else {}
+        weight_of = {id(u): w for u, w in zip(ok, weights)}
+        ok_pairs = [(m, weight_of[id(u)]) for m, u in zip(metrics, updates) if id(u) in weight_of]
+        agg = sum_metrics([m for m, _ in ok_pairs], [w for _, w in ok_pairs]) if ok_pairs else {}
         figures = {"round_seconds": time.perf_counter() - t0, "bytes_down": float(sum(sent.values())),
                    "bytes_up": float(up_bytes), "clients_sampled": float(len(sample)),
                    "clients_replied": float(len(updates)), "clients_accepted": float(len(ok)),
@@ -227,19 +270,25 @@ def federated_eval(grid: Any, fed: FedConfig, prep: Prepared, tensors: dict[str,
         sent[n] = content_bytes(content)
         monitor.sent(known[n]["client"], sent[n])
         messages.append(_message(content, n, "EVALUATE"))
-    losses, weights = [], []
+    losses, weights, seen = [], [], set()
+    cap = float(fed.strategy.max_examples) if fed.strategy.max_examples else math.inf
     replies = list(grid.send_and_receive(messages, timeout=fed.robustness.round_timeout_s))
     for n in set(nodes) - {r.metadata.src_node_id for r in replies}:
         monitor.unanswered(known[n]["client"], sent[n])
     for reply in replies:
-        if reply.has_error():
-            continue
-        m = reply.content[METRICS_KEY]
-        monitor.reply(fed.rounds, known[reply.metadata.src_node_id]["client"], content_bytes(reply.content), dict(m),
-                      kind="evaluate")
-        if "eval_loss" in m and m["num_examples"] > 0:
-            losses.append(float(m["eval_loss"]))
-            weights.append(float(m["num_examples"]))
+        try:  # one guard per reply, as in the rounds: a bad one is left out of the mean
+            n = reply.metadata.src_node_id
+            if n not in sent or n in seen or reply.has_error():
+                continue
+            seen.add(n)
+            m = reply_metrics(reply.content, ("num_examples",))
+            monitor.reply(fed.rounds, known[n]["client"], content_bytes(reply.content), m, kind="evaluate")
+            if "eval_loss" in m and m["num_examples"] > 0:
+                losses.append(m["eval_loss"])
+                weights.append(1.0 if fed.strategy.weighting == "equal" else min(m["num_examples"], cap))
+        except Exception as exc:
+            who = known.get(getattr(reply.metadata, "src_node_id", None), {}).get("client", "unknown")
+            monitor.failure(fed.rounds, who, f"bad eval reply: {short_reason(exc)}", rejected=True)
     out = {"clients": len(losses)}
     if losses:
         out["federated_eval_loss"] = float(np.average(losses, weights=weights))
