@@ -107,6 +107,24 @@ def standard_tags(*, fingerprint: str | None, tier: str | None, config: Any = No
     return tags
 
 
+def descriptive_run_name(*parts: Any) -> str:
+    """A run name that says what ran — ``tiny-fp32-r8-myhost-3f9a`` — from ``parts`` (model, precision, rank,
+    machine; empty ones left out), plus a random suffix so two runs of one config still differ.
+
+    The suffix comes from ``os.urandom``, not ``random``: recipes seed ``random`` before a run starts, which made
+    MLflow's own generated names repeat from run to run.
+    """
+    import os
+
+    words = [re.sub(r"[^A-Za-z0-9_.]+", "-", str(p).rsplit("/", 1)[-1]).strip("-") for p in parts if p not in (None, "")]
+    return "-".join([w for w in words if w] + [os.urandom(2).hex()])
+
+
+# MLflow 3 opens an experiment without this tag in its GenAI view; lowres runs are model development
+# (MLflow's ExperimentKind.CUSTOM_MODEL_DEVELOPMENT), with metrics, params and artifacts.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
     # MLflow puts a SQLite store's artifacts in ./mlruns of whatever directory the process runs in; keep them
     # beside the database instead, so a store and its artifacts move together.
@@ -137,9 +155,12 @@ def start_run(experiment: str = "lowres", *, run_name: str | None = None, run_id
     exp = c.get_experiment_by_name(experiment)
     if exp is not None:
         exp_id = exp.experiment_id
+        if EXPERIMENT_KIND_TAG[0] not in (exp.tags or {}):  # made by an older lowres, or by hand
+            c.set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG)
     else:
         try:
-            exp_id = c.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment))
+            exp_id = c.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment),
+                                         tags=dict([EXPERIMENT_KIND_TAG]))
         except Exception:
             # Another process created it between our look-up and create; use theirs.
             exp = c.get_experiment_by_name(experiment)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -12,12 +13,28 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 GIB = 1024**3
 
 
+LOG_EVERY_S = 10.0  # piped output: one plain progress line at most this often (and at the first step)
+
+
 class TrainProgress:
-    """One bar for the optimizer steps; ``update`` after each step. Disabled: every call is a no-op."""
+    """One bar for the optimizer steps; ``update`` after each step. Disabled: every call is a no-op.
+
+    On a terminal it is a live rich bar. Piped or redirected (``lowres train > log 2>&1``, nohup), a bar is
+    invisible until the end, so it prints a plain line instead at the first step and then every
+    ``LOG_EVERY_S`` seconds (``$LOWRES_PROGRESS_EVERY_S`` changes it), as log readers and ``tail -f`` expect.
+    """
 
     def __init__(self, console: Console, total: int, done: int = 0, enabled: bool = True):
+        import os
+
         self.enabled = enabled
         if not enabled:
+            return
+        self._console, self._total = console, total
+        self._plain = not console.is_terminal
+        if self._plain:
+            self._every_s = float(os.environ.get("LOWRES_PROGRESS_EVERY_S", LOG_EVERY_S))
+            self._t0, self._last, self._first = time.monotonic(), None, done
             return
         self._bar = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -26,18 +43,35 @@ class TrainProgress:
         self._task = self._bar.add_task("train", total=total, completed=done, info="")
 
     def __enter__(self) -> "TrainProgress":
-        if self.enabled:
+        if self.enabled and not self._plain:
             self._bar.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
+        if self.enabled and not self._plain:
             self._bar.stop()
 
     def update(self, step: int, loss: float, tokens_per_s: float, peak_bytes: int) -> None:
-        if self.enabled:
-            info = f"loss {loss:.4f} · {tokens_per_s:,.0f} tok/s · peak {peak_bytes / GIB:.2f} GiB"
+        if not self.enabled:
+            return
+        info = f"loss {loss:.4f} · {tokens_per_s:,.0f} tok/s · peak {peak_bytes / GIB:.2f} GiB"
+        if not self._plain:
             self._bar.update(self._task, completed=step, info=info)
+            return
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self._every_s and step < self._total:
+            return
+        self._last, elapsed = now, now - self._t0
+        done = step - self._first
+        eta = "" if done <= 0 else f" · ETA {_clock(elapsed / done * (self._total - step))}"
+        self._console.print(f"train step {step}/{self._total} ({step / self._total:.0%}) · {info} · "
+                            f"elapsed {_clock(elapsed)}{eta}", highlight=False, soft_wrap=True)
+        self._console.file.flush()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class StopFlag:

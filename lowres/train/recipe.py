@@ -91,6 +91,7 @@ class Recipe:
         resume_from = self._find_checkpoint()  # CheckpointError (another config) before any work
         self.loc = locate_weights(cfg.model)  # ModelError: unknown model offline
         check_max_length(self.loc.spec, cfg.data.max_length)  # ConfigError: longer than the model's positions
+        self._say("setup: detecting the machine, reading the data …")
         self.hw = detect(probe_bnb=cfg.precision.quant != "none")
         self.precision = resolve_precision(cfg.precision, self.hw, self.device)  # UnsupportedError
         check_optimizer(cfg.train, self.device)  # UnsupportedError: a paged optimizer without CUDA
@@ -98,6 +99,7 @@ class Recipe:
         self.tokenizer, tokenizer_source = self._tokenizer(records, resume_from)
         self.data = build_data(cfg.data, self.tokenizer, cfg.train.seed, records=records)
 
+        self._say(f"setup: loading {cfg.model.name} ({self.precision.compute_dtype}, quant {self.precision.quant}) …")
         self.model, info = load_model(self.loc, self.precision, cfg.lora, cfg.precision.gradient_checkpointing,
                                       device=self.device, seed=cfg.train.seed)
         self.model.train()
@@ -120,12 +122,18 @@ class Recipe:
         # MFU: model FLOPs per token (one cited formula) over this machine's roofline for these shapes.
         self.flops_per_token = train_flops_per_token(self.loc.spec, cfg.data.max_length, info["params_trainable"])
         tokens = cfg.train.batch_size * cfg.data.max_length
+        self._say("setup: this machine's roofline for the model's shapes (measured once, then cached) …")
         self.roofline = roofline(self.loc.spec, self.precision.compute_dtype, tokens,
                                  fingerprint=self.hw.fingerprint, device=self.device)
         self._write_run_files()  # first: the MLflow run logs config.yaml from the output dir
         self._start_tracking(run_id)
         self._start_profiler()
         return self
+
+    def _say(self, text: str) -> None:
+        """A setup line while nothing else shows progress (loading can take most of a short run)."""
+        if self.show_progress:
+            self.console.print(f"[dim]{text}[/]", highlight=False, soft_wrap=True)
 
     def _find_checkpoint(self) -> Path | None:
         root = ckpt.checkpoints_dir(self.out)
@@ -176,8 +184,13 @@ class Recipe:
         kw = dict(fingerprint=self.hw.fingerprint, tier=self.hw.tier, config=self.cfg.model_dump(mode="json"),
                   tags=tags)
         if run_id is None:
-            self.tracker = SpoolingLogger.start(t.experiment, run_name=t.run_name, tracking_uri=t.mlflow_uri,
-                                                **kw)
+            from lowres.tracking.runs import descriptive_run_name
+
+            p, quant = self.precision, self.precision.quant
+            name = t.run_name or descriptive_run_name(
+                self.cfg.model.name, p.compute_dtype + ("" if quant == "none" else f"-{quant}"),
+                f"r{self.cfg.lora.rank}", platform.node().split(".")[0][:24])
+            self.tracker = SpoolingLogger.start(t.experiment, run_name=name, tracking_uri=t.mlflow_uri, **kw)
             resumed = False
         else:
             self.tracker, resumed = self._resume_tracking(run_id, kw)
