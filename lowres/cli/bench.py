@@ -104,14 +104,20 @@ def compare(
 
 
 def regress(
-    baseline: Annotated[str, typer.Option("--baseline", "-b", help="Run id, git sha, tag filter, latest or previous.")],
-    candidate: Annotated[str, typer.Option("--candidate", "-c", help="Run id, git sha, tag filter, latest or previous.")],
+    baseline: Annotated[str | None, typer.Option("--baseline", help="Run id, git sha, tag filter, latest or "
+                                                 "previous. [required]")] = None,
+    candidate: Annotated[str | None, typer.Option("--candidate", help="Run id, git sha, tag filter, latest or "
+                                                  "previous. [required]")] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, help="Relative change that counts (0.05 = 5 %).")] = 0.05,
-    metric: Annotated[list[str] | None, typer.Option("--metric", "-m", help="step_time and/or peak_memory "
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="step_time and/or peak_memory "
                                                      "(repeatable; default both).")] = None,
     confidence: Annotated[float, typer.Option("--confidence", min=0.5, max=0.999, help="Of the ratio's interval.")] = 0.95,
     experiment: ExperimentOpt = "lowres-bench",
     tracking_uri: UriOpt = None,
+    # the short names these had before -b, -c and -m meant batch size, config and model everywhere else
+    baseline_old: Annotated[str | None, typer.Option("-b", hidden=True)] = None,
+    candidate_old: Annotated[str | None, typer.Option("-c", hidden=True)] = None,
+    metric_old: Annotated[list[str] | None, typer.Option("-m", hidden=True)] = None,
 ) -> None:
     """Is the candidate slower or hungrier than the baseline? Exit 1 on a regression, 0 otherwise, 2 on a bad
     selection.
@@ -124,6 +130,13 @@ def regress(
     from lowres.bench.regress import regress as run_regress
     from lowres.bench.selection import select
 
+    from lowres.errors import UsageError
+
+    baseline, candidate = baseline or baseline_old, candidate or candidate_old
+    metric = list(metric or []) + list(metric_old or [])
+    for name, value in (("--baseline", baseline), ("--candidate", candidate)):
+        if not value:
+            raise UsageError(f"missing option {name}", hint="e.g. lowres regress --baseline previous --candidate latest")
     client, exp_ids = _experiment(tracking_uri, experiment)
     if candidate.strip() == "previous" and baseline.strip() != "previous":
         base_runs = select(client, exp_ids, baseline)

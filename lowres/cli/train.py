@@ -26,7 +26,9 @@ def _flags_to_overrides(**flags) -> list[str]:
     fields = {"model": "model.name", "data": "data.path", "steps": "train.max_steps",
               "batch_size": "train.batch_size", "rank": "lora.rank", "quant": "precision.quant",
               "precision": "precision.compute", "output_dir": "output_dir", "seq_len": "data.max_length",
-              "lr": "train.lr", "grad_accum": "train.grad_accum", "checkpoint_every": "checkpoint.every"}
+              "lr": "train.lr", "grad_accum": "train.grad_accum", "checkpoint_every": "checkpoint.every",
+              "tracking_uri": "tracking.mlflow_uri", "experiment": "tracking.experiment",
+              "run_name": "tracking.run_name"}
     out = []
     for name, value in flags.items():
         if value is not None:
@@ -37,6 +39,8 @@ def _flags_to_overrides(**flags) -> list[str]:
 
 def train(
     config: Annotated[Path | None, typer.Argument(metavar="[CONFIG.yaml]", help="Run config (configs/runs/*.yaml).")] = None,
+    config_opt: Annotated[Path | None, typer.Option("--config", "-c", help="The run config, as an option "
+                                                    "(as tune, advise and fed take it).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Preset, hub id or local path.")] = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Data file or folder (.jsonl/.json/.csv/.txt) or hf:<name>.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (train.max_steps).")] = None,
@@ -47,11 +51,18 @@ def train(
     rank: Annotated[int | None, typer.Option("--rank", "-r", help="LoRA rank.")] = None,
     quant: Annotated[str | None, typer.Option("--quant", help="none, int8, nf4 or fp4.")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="Compute dtype: auto, fp32, bf16, fp16.")] = None,
-    output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="Checkpoints, adapter, profile.")] = None,
+    output_dir: Annotated[str | None, typer.Option("--output", "-o", help="Folder for checkpoints, "
+                                                   "adapter, profile (output_dir).")] = None,
+    output_dir_old: Annotated[str | None, typer.Option("--output-dir", hidden=True)] = None,
     checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the output dir.")] = False,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI "
+                                                     "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")] = None,
+    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="MLflow experiment (default: lowres).")] = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="MLflow run name (default: model · precision · "
+                                                 "rank · machine, plus a random suffix).")] = None,
     overrides: SetOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Fine-tune a model with LoRA/QLoRA: profiled, tracked in MLflow, checkpointed, resumable.
@@ -72,10 +83,16 @@ def train(
     from lowres.config import load_config
     from lowres.train.recipe import run
 
+    output_dir = output_dir or output_dir_old  # --output-dir: the name before --output
     flags = _flags_to_overrides(model=model, data=data, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                                 seq_len=seq_len, lr=lr, rank=rank, quant=quant, precision=precision,
-                                output_dir=output_dir, checkpoint_every=checkpoint_every)
-    cfg = load_config(config, flags + list(overrides or []))
+                                output_dir=output_dir, checkpoint_every=checkpoint_every,
+                                tracking_uri=tracking_uri, experiment=experiment, run_name=run_name)
+    if config is not None and config_opt is not None and config != config_opt:
+        from lowres.errors import UsageError
+
+        raise UsageError(f"two configs given: {config} and --config {config_opt}", hint="pass one of them")
+    cfg = load_config(config or config_opt, flags + list(overrides or []))
     console = Console(stderr=True)
     result = run(cfg, resume=resume, console=console, progress=not quiet)
     if json_output:
@@ -127,12 +144,14 @@ def eval_cmd(
 
 def export(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Output dir of a finished `lowres train` run.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")] = Path("export"),
+    out: Annotated[Path | None, typer.Option("--output", "-o", help="Folder to write (default: export).")] = None,
+    out_old: Annotated[Path | None, typer.Option("--out", hidden=True)] = None,
     merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Merge LoRA into the base weights (a plain model).")] = False,
 ) -> None:
     """Write the adapter (or, with --merge, a merged model in safetensors) plus the tokenizer to a folder."""
     from lowres.train.evaluation import find_run
     from lowres.train.tools import export_run
 
+    out = out or out_old or Path("export")  # --out: the name before --output
     files = export_run(find_run(run_dir), out, merge)
     Console().print(f"wrote {'merged model' if merge else 'adapter'} to {out}: {', '.join(files)}", highlight=False)

@@ -1,5 +1,5 @@
 """`lowres tune --auto`: detect the machine, predict, verify by short capped trials, choose, write the
-chosen RunConfig (reasons as comments) and train with it. With no arguments: the `tiny` preset on the
+chosen RunConfig (reasons as comments) and train with it (`lowres tune` without --auto stops after writing). With no arguments: the `tiny` preset on the
 shipped sample data, so a new user sees it work at once."""
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def parse_size(text: str) -> float:
 
 
 def tune(
-    auto: Annotated[bool, typer.Option("--auto", help="Choose everything automatically (tune has no other mode; the flag states it).")] = False,
+    auto: Annotated[bool, typer.Option("--auto", help="Then train with the chosen setup. Without it tune only "
+                                       "chooses and writes the config (as --dry-run).")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model preset, hub id or path (default: tiny).")] = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Data file/folder (default: the shipped sample).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Start from a run config YAML.")] = None,
@@ -37,23 +38,39 @@ def tune(
     effective_batch: Annotated[int | None, typer.Option("--effective-batch", help="Sequences per optimizer step "
                                                         "(kept through grad accumulation).")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")] = None,
-    rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank (default: advised from the data).")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", "-r", help="LoRA rank (default: advised from the data).")] = None,
     round_budget: Annotated[str | None, typer.Option("--fed-round-budget", help="Federated client: adapter bytes "
                                                      "per round (down + up), e.g. 5MB; sets the rank.")] = None,
     headroom: Annotated[float, typer.Option("--headroom", help="Fraction of the budget kept free.")] = 0.10,
     probe_steps: Annotated[int, typer.Option("--probe-steps", help="Optimizer steps per probe (the first "
                                              "two are warm-up).")] = 5,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose and write the config, do not train.")] = False,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the chosen config.")] = Path("chosen.yaml"),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose and write the config, do not train (what "
+                                          "tune does without --auto).")] = False,
+    out: Annotated[Path, typer.Option("--write-config", metavar="FILE.yaml", help="Where to write the chosen "
+                                      "config.")] = Path("chosen.yaml"),
+    out_old: Annotated[Path | None, typer.Option("--out", hidden=True)] = None,
+    output_dir: Annotated[str | None, typer.Option("--output", "-o", help="Folder the chosen run trains into "
+                                                   "(output_dir).")] = None,
     mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Log the search to MLflow.")] = True,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI "
+                                                     "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")] = None,
+    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="MLflow experiment of the "
+                                                   "chosen run.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Config override a.b=c (repeatable).")] = None,
 ) -> None:
     """Find the fastest (or smallest) fine-tuning setup that fits this machine, by prediction verified with
-    short memory-capped trials; write it as a commented YAML config, then train with it."""
+    short memory-capped trials; write it as a commented YAML config; with --auto, then train with it."""
     from lowres.advisor.tune import tune as run_tune
     from lowres.config import load_config
 
+    out = out_old or out  # --out: the name before --write-config
     sets = list(overrides or [])
+    if output_dir:
+        sets.append(f"output_dir={output_dir}")
+    if tracking_uri:
+        sets.append(f"tracking.mlflow_uri={tracking_uri}")
+    if experiment:
+        sets.append(f"tracking.experiment={experiment}")
     if model:
         sets.append(f"model.name={model}")
     if data:
@@ -75,7 +92,9 @@ def tune(
     for reason in result.reasons:
         console.print(f"• {reason}", highlight=False)
     console.print(f"[bold]wrote {out}[/] — train with it: lowres train {out}", highlight=False)
-    if not dry_run:
+    if not auto and not dry_run:
+        console.print("not training: add --auto to train with the chosen setup at once", highlight=False)
+    if auto and not dry_run:
         from lowres.train import run
 
         run(result.config, console=console)
