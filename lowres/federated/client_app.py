@@ -4,6 +4,8 @@ Which data a client trains on comes from its node config: ``data-path`` (a deplo
 else ``partition-id`` (simulation, or a loopback deployment sharing the server's folder: the partition file
 the server wrote). ``lowres-overrides`` (``"lora.rank=4 precision.quant=nf4"``) sets this node's own
 precision, quantization and rank; in simulation the federation config's ``client_overrides`` do.
+``model.trust_remote_code`` is always false unless the node's own ``lowres-overrides`` set it: the server's
+config never decides what code runs on a client.
 ``lowres-output-dir`` (default: beside the server's federation folder) and ``lowres-threads`` complete it.
 
     flower-supernode --insecure --superlink 127.0.0.1:9092 \\
@@ -33,8 +35,8 @@ def _client_config(context: Context, config: ConfigRecord | None):
 
     pid = _partition_id(context)
     base = RunConfig.model_validate_json(str(config["run_config"]))
-    overrides = json.loads(str(config.get("client_overrides", "{}"))).get(str(pid), [])
-    overrides += str(context.node_config.get("lowres-overrides", "")).split()
+    from_server = json.loads(str(config.get("client_overrides", "{}"))).get(str(pid), [])
+    own = str(context.node_config.get("lowres-overrides", "")).split()
     data_path = context.node_config.get("data-path")
     if not data_path and pid >= 0:
         data_path = str(Path(str(config["fed_dir"])) / "partitions" / f"client-{pid:02d}.jsonl")
@@ -49,7 +51,12 @@ def _client_config(context: Context, config: ConfigRecord | None):
     if threads:
         extra.append(f"train.threads={int(threads)}")
     cfg_dict = base.model_dump(mode="json")
-    for item in overrides + extra:
+    for item in from_server:
+        key, value = parse_override(item)
+        _set_path(cfg_dict, key, value)
+    # remote code would run on this machine: only the node's own overrides may allow it, never the server
+    cfg_dict.setdefault("model", {})["trust_remote_code"] = False
+    for item in own + extra:
         key, value = parse_override(item)
         _set_path(cfg_dict, key, value)
     return RunConfig.model_validate(cfg_dict), name

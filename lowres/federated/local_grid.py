@@ -54,7 +54,7 @@ class LocalGrid:
                 self.train_rounds[node] = self.train_rounds.get(node, 0) + 1
             if i in self.drop and self.train_rounds.get(node, 0) >= self.drop[i]:
                 continue  # a dead node: no reply, the server's timeout rule applies
-            received, nbytes = _through_wire(msg)
+            received, nbytes = through_wire(msg)
             self.down.append((msg.metadata.message_type, node, nbytes))
             ctx = Context(run_id=self.run_id, node_id=node, node_config=dict(self.node_configs[i]),
                           state=self.states[node], run_config={})
@@ -62,13 +62,13 @@ class LocalGrid:
             if self.tamper is not None:
                 reply = self.tamper(i, reply)
             if not reply.has_error():
-                reply, nbytes = _through_wire(reply, reply=True)
+                reply, nbytes = through_wire(reply, reply=True)
                 self.up.append((msg.metadata.message_type, node, nbytes))
             replies.append(reply)
         return replies
 
 
-def _through_wire(msg: Any, reply: bool = False) -> tuple[Any, int]:
+def through_wire(msg: Any, reply: bool = False) -> tuple[Any, int]:
     """(a copy of ``msg`` whose content was serialised and parsed back, as a transfer would; the bytes)."""
     from flwr.app import Message, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
