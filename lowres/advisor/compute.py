@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowres.advisor.memory import linear_shapes, quantized_linear_bytes
+from lowres.advisor.memory import _all_layers, linear_shapes, quantized_linear_bytes  # noqa: F401
 
 
 def lora_flops_per_token(spec: Any, seq_len: int, lora_params: int, gradient_checkpointing: bool) -> float:
@@ -22,7 +22,7 @@ def lora_flops_per_token(spec: Any, seq_len: int, lora_params: int, gradient_che
     The embedding is a lookup: no FLOPs.
     """
     layers = spec.num_layers
-    block_weights = layers * sum(i * o for i, o in linear_shapes(spec).values())
+    block_weights = sum(i * o for layer in _all_layers(spec) for _, i, o in layer)
     head_weights = spec.vocab_size * spec.hidden_size
     attn = 4 * layers * seq_len * spec.num_heads * spec.head_dim
     forward_blocks = 2 * block_weights + attn + 2 * lora_params
@@ -51,9 +51,9 @@ def dequant_bytes_per_step(spec: Any, e: int, quant: str, double_quant: bool,
     if quant == "none":
         return 0.0
     passes = 3 if gradient_checkpointing else 2
-    per_layer = sum(quantized_linear_bytes(i, o, quant, e, double_quant) + 2 * i * o * e
-                    for i, o in linear_shapes(spec).values())
-    return float(passes * spec.num_layers * per_layer)
+    total = sum(quantized_linear_bytes(i, o, quant, e, double_quant) + 2 * i * o * e
+                for layer in _all_layers(spec) for _, i, o in layer)
+    return float(passes * total)
 
 
 # Measured step time over GEMM-roofline time on CPU (bench/advisor_accuracy.py, EPYC with AVX512_BF16,

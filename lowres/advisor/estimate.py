@@ -200,14 +200,16 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     cand = candidate.model_copy(update={"compute": compute})
     e = M.DTYPE_BYTES[compute]
     targets = M.resolve_targets(cand.lora_targets)
-    lora_n = M.lora_parameter_count(spec, cand.lora_rank, targets)
+    del targets  # validated; the model's own linears are matched by the raw targets (a set name or names)
+    lora_n = M.lora_parameter_count(spec, cand.lora_rank, cand.lora_targets)
 
     memory: dict[str, float] = {}
     memory.update(M.weight_bytes(spec, e, cand.quant, cand.double_quant))
     memory["quantize_load"] = M.quantize_load_bytes(spec, e, cand.quant)
     memory["dequant_scratch"] = M.dequant_scratch_bytes(spec, e, cand.quant)
     memory.update(M.lora_state_bytes(lora_n, cand.optimizer))
-    memory["activations"] = M.activation_bytes(spec, e, cand.lora_rank, targets, cand.batch_size, cand.seq_len,
+    memory["activations"] = M.activation_bytes(spec, e, cand.lora_rank, cand.lora_targets, cand.batch_size,
+                                               cand.seq_len,
                                                cand.gradient_checkpointing)
     memory["logits"] = M.logits_bytes(spec, e, cand.batch_size, cand.seq_len, cand.loss_chunk_tokens)
     live = sum(memory.values())
@@ -232,6 +234,11 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     step = None if seconds is None else seconds * cal.time_factor_for(cand.quant, compute) + cal.step_overhead_s
 
     warnings = _warnings(hw, cand, compute, memory, peak)
+    arch = M.model_arch(spec)
+    if arch is not None:
+        from lowres.advisor.arch import target_notes
+
+        warnings += target_notes(arch, cand.lora_targets) + [f"unmodelled: {n}" for n in arch.notes]
     if step is None:
         need = f"{compute} FLOP/s" + (" and memory bandwidth" if dq else "")
         warnings.append(f"step time unknown: no roofline with {need} for this machine (a measured roofline "

@@ -43,12 +43,26 @@ def allocator_factor(device: str, e: int) -> float:
 RUNTIME_BASELINE_BYTES = {"cpu": 450 * MIB, "cuda": 500 * MIB}
 
 
-def linear_shapes(spec: Any) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each projection in one decoder layer.
+def model_arch(spec: Any) -> Any:
+    """The architecture transformers builds for ``spec`` on the meta device (lowres.advisor.arch), for a
+    ModelSpec; None for a bare object of Llama-style numbers (the formulas below then apply)."""
+    if not hasattr(spec, "to_hf_config"):
+        return None
+    from lowres.advisor.arch import arch_of
 
-    q: h → heads·d, k and v: h → kv_heads·d (GQA, Ainslie et al. 2023), o: heads·d → h,
-    gate and up: h → intermediate, down: intermediate → h (SwiGLU, Shazeer 2020).
+    return arch_of(spec)
+
+
+def linear_shapes(spec: Any) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear in one decoder layer (the first), read from the model
+    built on the meta device for a ModelSpec of any family.
+
+    For bare Llama-style numbers: q: h → heads·d, k and v: h → kv_heads·d (GQA, Ainslie et al. 2023),
+    o: heads·d → h, gate and up: h → intermediate, down: intermediate → h (SwiGLU, Shazeer 2020).
     """
+    arch = model_arch(spec)
+    if arch is not None:
+        return arch.linear_shapes()
     h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
     q_out, kv_out = spec.num_heads * d, spec.num_kv_heads * d
     return {"q": (h, q_out), "k": (h, kv_out), "v": (h, kv_out), "o": (q_out, h),
@@ -75,7 +89,12 @@ def parameter_counts(spec: Any) -> dict[str, int]:
 
     linears = L · Σ in·out over the projections; embeddings = V·h, plus V·h for an untied lm_head;
     norms = (2L + 1)·h (RMSNorm weights); biases = L·(heads + 2·kv_heads)·d where q/k/v carry a bias (Qwen2).
+    For a ModelSpec, counted on the model itself (any family: LayerNorm biases, positional embeddings, q/k
+    norms, an untied head all land in their group).
     """
+    arch = model_arch(spec)
+    if arch is not None:
+        return dict(arch.params)
     shapes = linear_shapes(spec)
     layers = spec.num_layers
     emb = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
@@ -118,8 +137,8 @@ def weight_bytes(spec: Any, e: int, quant: str, double_quant: bool = True) -> di
     quantized base, peft's ``prepare_model_for_kbit_training`` (peft 0.21, utils/other.py) casts every
     parameter that is not int8/4-bit to fp32 "for stability", so they take 4 bytes each whatever ``e`` is."""
     counts = parameter_counts(spec)
-    linear = spec.num_layers * sum(
-        quantized_linear_bytes(i, o, quant, e, double_quant) for i, o in linear_shapes(spec).values())
+    linear = sum(quantized_linear_bytes(i, o, quant, e, double_quant)
+                 for layer in _all_layers(spec) for _, i, o in layer)
     rest = e if quant == "none" else 4
     return {"weights.linear": linear,
             "weights.embeddings": float(counts["embeddings"] * rest),
@@ -147,9 +166,24 @@ def dequant_scratch_bytes(spec: Any, e: int, quant: str) -> float:
     return float(max(i * o for i, o in linear_shapes(spec).values()) * e)
 
 
-def lora_parameter_count(spec: Any, rank: int, targets: tuple[str, ...]) -> int:
+def _all_layers(spec: Any) -> list:
+    """Every decoder layer's linears (name, in, out): from the model for a ModelSpec, else L × the formula."""
+    arch = model_arch(spec)
+    if arch is not None:
+        return [list(layer) for layer in arch.layers]
+    return [[(n, i, o) for n, (i, o) in linear_shapes(spec).items()]] * spec.num_layers
+
+
+def lora_parameter_count(spec: Any, rank: int, targets: Any) -> int:
     """LoRA adds A (r × in) and B (out × r) to each targeted projection (Hu et al. 2021):
-    L · r · Σ_targets (in + out)."""
+    L · r · Σ_targets (in + out). For a ModelSpec the targets are the linears peft matches in the model
+    (``targets``: a target set name such as ``all_linear``, or projection names)."""
+    arch = model_arch(spec)
+    if arch is not None:
+        from lowres.advisor.arch import targeted
+
+        return rank * sum(i + o for layer in targeted(arch, targets) for _, i, o in layer)
+    targets = resolve_targets(targets) if isinstance(targets, str) else targets
     shapes = linear_shapes(spec)
     return spec.num_layers * rank * sum(shapes[t][0] + shapes[t][1] for t in targets)
 
@@ -208,6 +242,19 @@ def activation_bytes(spec: Any, e: int, rank: int, targets: tuple[str, ...], bat
     during backward one layer is recomputed (its saved tensors) while one layer's gradients are in flight.
     """
     tokens = batch_size * seq_len
+    arch = model_arch(spec)
+    if arch is not None:
+        # any family: what autograd saves in the model itself, traced on the meta device (lowres.advisor.arch)
+        from lowres.advisor.arch import activation_trace
+
+        compute = {4: "fp32", 2: "bf16"}[e]
+        first, per_layer = activation_trace(spec, compute, rank, targets, seq_len)
+        if gradient_checkpointing:
+            per_token = spec.num_layers * spec.hidden_size * e + 2 * per_layer + spec.hidden_size * 4.0
+        else:
+            per_token = first + (spec.num_layers - 1) * per_layer + per_layer
+        return tokens * per_token
+    targets = resolve_targets(targets) if isinstance(targets, str) else targets
     per_layer = activation_bytes_per_token_per_layer(spec, e, rank, targets)
     final = spec.hidden_size * 4.0
     if gradient_checkpointing:

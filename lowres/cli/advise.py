@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lowres.config import DEFAULT_MODEL  # the same default as `lowres train` and `lowres tune`
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -35,7 +37,8 @@ TERM_LABELS = {
 
 
 def advise(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model preset (configs/models/*.yaml).")] = "SmolLM2-135M",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model preset (configs/models/*.yaml), a local folder "
+                                       "with a config.json, or a hub id (in the cache, or online); default: train's.")] = DEFAULT_MODEL,
     hardware: Annotated[
         str | None,
         typer.Option("--hardware", "-H", metavar="PROFILE",
@@ -70,7 +73,7 @@ def advise(
     from lowres.config import load_config
     from lowres.errors import UsageError
     from lowres.hardware import detect, load_profile
-    from lowres.models import load_spec
+    from lowres.models.spec import resolve_spec
 
     if not 0.0 <= headroom < 1.0:
         raise UsageError(f"--headroom must be in [0, 1), got {headroom}")
@@ -86,7 +89,7 @@ def advise(
                              for e in exc.errors())
         raise UsageError(f"invalid advise options: {problems}") from None
 
-    spec = load_spec(model)
+    spec = resolve_spec(model)
     hw = load_profile(hardware) if hardware else detect()
     # On this machine, what earlier probes (`lowres tune`) measured corrects the estimate; a saved profile of
     # another machine has no probes.
