@@ -51,6 +51,18 @@ def runs_dir() -> str:
     return st.session_state.get("runs_dir") or os.environ.get("LOWRES_RUNS_DIR", "runs")
 
 
+def store_missing(uri: str) -> str | None:
+    """A sentence when ``uri`` names a SQLite store that does not exist, else None. Opening it would create an
+    empty database (MLflow does) wherever the dashboard happens to run; the pages say so instead."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    if os.path.exists(path):
+        return None
+    return (f"No MLflow store at `{os.path.abspath(path)}` yet: nothing has been logged there. Run `lowres train` "
+            "in that folder, or point the dashboard at your store (`lowres dash --tracking-uri URI`, or the sidebar).")
+
+
 def _client(uri: str):
     from lowres.tracking.runs import client
 
@@ -103,13 +115,17 @@ def _figures(uri: str, rid: str, version: int | None, params: dict[str, str]) ->
         mfu = tokens_per_s * fpt / peak_flops if tokens_per_s and peak_flops > 0 else None
     except (KeyError, ValueError):
         mfu = None
-    peaks = _history(c, rid, "train/peak_memory_bytes")
+    peaks, scale = _history(c, rid, "train/peak_memory_megabytes"), 1e6
+    if not peaks:  # a run logged before memory went to MLflow in megabytes
+        peaks, scale = _history(c, rid, "train/peak_memory_bytes"), 1.0
     return {"tokens_per_s": tokens_per_s, "mfu": mfu,
-            "peak_memory_gib": max(m.value for m in peaks) / GIB if peaks else None,
+            "peak_memory_gib": max(m.value for m in peaks) * scale / GIB if peaks else None,
             "steps": max((m.step for m in tps), default=0)}
 
 
 def _search_runs(uri: str, max_results: int = 500) -> list:
+    if store_missing(uri):
+        return []
     c = _client(uri)
     exps = {e.experiment_id: e.name for e in c.search_experiments()}
     if not exps:
@@ -133,7 +149,8 @@ def training_runs(uri: str) -> pd.DataFrame:
             "status": r.info.status, "started": pd.to_datetime(r.info.start_time, unit="ms", utc=True),
             "machine": t.get("lowres.hardware.tier", "unknown"),
             "fingerprint": t.get("lowres.hardware.fingerprint", "unknown"),
-            "config": _config_key(p), "config_hash_tag": t.get("lowres.config_hash"),
+            # the run's own lowres.config_hash (what `lowres regress` groups by); older runs: a hash of params
+            "config": t.get("lowres.config_hash") or _config_key(p), "config_hash_tag": t.get("lowres.config_hash"),
             "model": p.get("config.model.name", "unknown"),
             # the dtype the run resolved ("auto" in the config becomes bf16 or fp32 on the machine)
             "precision": p.get("model.dtype") or p.get("config.precision.compute", "unknown"),
@@ -155,6 +172,8 @@ RUN_COLUMNS = ["run_id", "run", "experiment", "status", "started", "machine", "f
 @st.cache_data(ttl=LIVE_TTL_S * 5, show_spinner=False)
 def metric_history(uri: str, run_ids: tuple[str, ...], keys: tuple[str, ...]) -> pd.DataFrame:
     """Long table (run_id, key, step, value, ts) of the given metrics of the given runs."""
+    if store_missing(uri):
+        return pd.DataFrame(columns=["run_id", "key", "step", "value", "ts"])
     c = _client(uri)
     rows = [{"run_id": rid, "key": key, "step": m.step, "value": m.value,
              "ts": pd.to_datetime(m.timestamp, unit="ms", utc=True)}
@@ -162,25 +181,56 @@ def metric_history(uri: str, run_ids: tuple[str, ...], keys: tuple[str, ...]) ->
     return pd.DataFrame(rows, columns=["run_id", "key", "step", "value", "ts"])
 
 
-def regressions(runs: pd.DataFrame, threshold_pct: float) -> pd.DataFrame:
-    """Per machine (fingerprint) and config: the newest finished run's tokens/s against the median of the
-    earlier ones; ``regression`` when it is more than ``threshold_pct`` % slower. A simple threshold until
-    the statistical check (`lowres regress`) exists; groups with one run have no baseline."""
+@st.cache_data(ttl=RUNS_TTL_S, show_spinner="reading step times")
+def step_seconds(uri: str, run_ids: tuple[str, ...]) -> dict[str, list[float]]:
+    """Per run, ``train/step_seconds`` of each step after the run's ``warmup_ignore_steps``: the values
+    `lowres regress` compares for a train run."""
+    if store_missing(uri) or not run_ids:
+        return {}
+    c = _client(uri)
+    out = {}
+    for rid in run_ids:
+        warmup = _param_int(c.get_run(rid).data.params, "config.train.warmup_ignore_steps")
+        warmup = 2 if warmup is None else warmup
+        out[rid] = [m.value for m in _history(c, rid, "train/step_seconds") if m.step > warmup]
+    return out
+
+
+def regressions(runs: pd.DataFrame, threshold: float, steps: dict[str, list[float]],
+                confidence: float = 0.95) -> pd.DataFrame:
+    """Per machine (fingerprint) and config (the run's ``lowres.config_hash``): the newest finished run against
+    the earlier ones by `lowres regress`'s rule — the Hodges–Lehmann ratio of step times (candidate over the
+    pooled baseline steps) with its distribution-free interval; ``regression`` when the ratio is above
+    1 + ``threshold`` and its whole interval above 1, ``improved`` for the mirror image. A group with one run
+    has ``no baseline``; fewer than 2 steps on a side, ``too few steps``."""
+    from lowres.bench.stats import ratio_test
+
     cols = ["machine", "fingerprint", "config", "model", "precision", "rank", "batch", "latest_run",
-            "latest_run_id", "latest_tokens_per_s", "baseline_tokens_per_s", "baseline_runs", "change_pct", "status"]
+            "latest_run_id", "latest_tokens_per_s", "baseline_tokens_per_s", "baseline_runs", "ratio", "low", "high",
+            "change_pct", "status"]
     done = runs[(runs["status"] == "FINISHED") & runs["tokens_per_s"].notna()] if len(runs) else runs
     rows = []
     for (fp, cfg), group in done.groupby(["fingerprint", "config"], sort=True) if len(done) else []:
         group = group.sort_values("started")
         latest, earlier = group.iloc[-1], group.iloc[:-1]
-        base = statistics.median(earlier["tokens_per_s"]) if len(earlier) else None
-        change = None if not base else 100.0 * (latest["tokens_per_s"] / base - 1.0)
-        status = "no baseline" if change is None else ("regression" if change < -threshold_pct else "ok")
-        rows.append({"machine": latest["machine"], "fingerprint": fp, "config": cfg, "model": latest["model"],
-                     "precision": latest["precision"], "rank": latest["rank"], "batch": latest["batch"],
-                     "latest_run": latest["run"], "latest_run_id": latest["run_id"],
-                     "latest_tokens_per_s": latest["tokens_per_s"], "baseline_tokens_per_s": base,
-                     "baseline_runs": len(earlier), "change_pct": change, "status": status})
+        row = {"machine": latest["machine"], "fingerprint": fp, "config": cfg, "model": latest["model"],
+               "precision": latest["precision"], "rank": latest["rank"], "batch": latest["batch"],
+               "latest_run": latest["run"], "latest_run_id": latest["run_id"],
+               "latest_tokens_per_s": latest["tokens_per_s"],
+               "baseline_tokens_per_s": statistics.median(earlier["tokens_per_s"]) if len(earlier) else None,
+               "baseline_runs": len(earlier), "ratio": None, "low": None, "high": None, "change_pct": None,
+               "status": "no baseline"}
+        if len(earlier):
+            base = [v for rid in earlier["run_id"] for v in steps.get(rid, [])]
+            cand = steps.get(latest["run_id"], [])
+            if len(base) < 2 or len(cand) < 2:
+                row["status"] = "too few steps"
+            else:
+                t = ratio_test(base, cand, confidence=confidence)
+                row.update(ratio=t.ratio, low=t.low, high=t.high, change_pct=100.0 * (t.ratio - 1.0),
+                           status="regression" if t.regressed(threshold) else
+                           "improved" if t.improved(threshold) else "no change")
+        rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -224,8 +274,8 @@ def federations(uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     ``lowres.command=fed`` with ``fed/...`` metrics per round (step = round); each client a child run
     (``mlflow.parentRunId``, tag ``lowres.client``) with ``fed/client/...`` metrics. Missing tags and metrics
     give empty cells, never errors."""
-    c = _client(uri)
     runs = _search_runs(uri, max_results=2000)
+    c = _client(uri) if runs else None
     parents = {r.info.run_id: r for r in runs if _is_federation(r)}
     fed_rows, client_rows = [], []
     for rid, r in parents.items():

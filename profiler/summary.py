@@ -131,9 +131,9 @@ class Summary:
         from rich.table import Table
 
         t = Table(title=f"lowres profile — {self.wall_s:.1f} s", box=box.SIMPLE_HEAD, pad_edge=False)
-        t.add_column("metric", no_wrap=True)
+        t.add_column("metric", overflow="fold")  # a long name folds; the figures beside it stay whole
         for col in ("mean", "p50", "p95", "max"):
-            t.add_column(col, justify="right", no_wrap=True)
+            t.add_column(col, justify="right", no_wrap=True, min_width=9)
         for name, st in self.metrics.items():
             if "{cpu=" in name:
                 continue
@@ -155,7 +155,8 @@ def _fmt(name: str, v: float) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if "bytes" in name:
-        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        # binary units, as every other lowres output (hw, advise, train) prints memory
+        for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
             if abs(v) >= scale:
                 return f"{v / scale:.3g} {unit}"
         return f"{v:.0f} B"

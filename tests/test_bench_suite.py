@@ -96,5 +96,5 @@ def test_bench_quick_subset_writes_tagged_runs_then_compare(tmp_path):
     assert res.exit_code == 0, res.output
     assert w.name in res.output and t[runs.TAG_FINGERPRINT] in res.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    res = _cli("compare", "--tracking-uri", uri, "--precision", "nf4")
+    res = _cli("compare", "--group", "--tracking-uri", uri, "--precision", "nf4")
     assert res.exit_code == 0 and "no finished benchmark runs" in res.output

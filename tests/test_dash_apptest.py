@@ -107,42 +107,63 @@ def test_compare_lists_every_run_with_its_logged_figures(store_env):
 
 
 def test_regressions_compare_the_newest_run_with_its_baseline(store_env):
-    a, c = store_env.results["a"]["tokens_per_s"], store_env.results["c"]["tokens_per_s"]
-    change = 100.0 * (c / a - 1.0)
+    from lowres.bench.stats import ratio_test
+
+    queries = load_queries()
     at = _page("regressions")
+    assert at.number_input(key="reg_threshold").value == pytest.approx(0.05)  # lowres regress's default
     at.number_input(key="reg_threshold").set_value(0.0).run()
     _ok(at, "regressions")
     table = at.dataframe[0].value
-    # a and c share a config on one machine: c (newer) against a; b (rank 8) alone has no baseline
+    # a and c share a config hash on one machine: c (newer) against a; b (rank 8) alone has no baseline
     group = table[table["baseline_runs"] == 1].iloc[0]
     assert (group["latest_run"], group["rank"]) == ("c", 4)
-    assert group["baseline_tokens_per_s"] == pytest.approx(a, rel=1e-9)
-    assert group["change_pct"] == pytest.approx(change, rel=1e-6)
-    assert group["status"] == ("regression" if change < 0 else "ok")
+    runs = queries.training_runs(store_env.uri).set_index("run")
+    assert group["config"] == runs.loc["c", "config_hash_tag"] == runs.loc["a", "config_hash_tag"]
+    steps = queries.step_seconds(store_env.uri, (runs.loc["a", "run_id"], runs.loc["c", "run_id"]))
+    t = ratio_test(steps[runs.loc["a", "run_id"]], steps[runs.loc["c", "run_id"]])  # as `lowres regress` judges
+    assert group["ratio"] == pytest.approx(t.ratio) and group["low"] == pytest.approx(t.low)
+    assert group["status"] == ("regression" if t.regressed(0.0) else "improved" if t.improved(0.0) else "no change")
     assert "no baseline" in set(table["status"])
     shown = _metrics(at)
     assert shown["Machine × config groups"] == "2" and shown["With a baseline"] == "1"
 
-    at.number_input(key="reg_threshold").set_value(100.0).run()  # nothing is 100 % slower
+    at.number_input(key="reg_threshold").set_value(0.99).run()  # nothing takes twice the time
     _ok(at, "regressions")
     assert _metrics(at)["Regressions"] == "0" and at.success
 
 
-def test_regression_threshold_uses_the_median_of_earlier_runs():
+def test_regression_rule_is_lowres_regress_rule():
     regressions = load_queries().regressions
 
     t0 = pd.Timestamp("2026-01-01", tz="UTC")
     rows = [{"run": f"r{i}", "run_id": f"id{i}", "status": "FINISHED", "started": t0 + pd.Timedelta(minutes=i),
              "machine": "m", "fingerprint": "f", "config": "k", "model": "tiny", "precision": "fp32", "rank": 8,
-             "batch": 4, "tokens_per_s": tps} for i, tps in enumerate([100.0, 130.0, 90.0, 88.0])]
-    rows.append({**rows[0], "run": "other", "config": "k2", "tokens_per_s": 1.0})
-    rows.append({**rows[0], "run": "running", "status": "RUNNING", "started": t0 + pd.Timedelta(hours=1),
-                 "tokens_per_s": 1.0})  # unfinished runs are not judged
-    table = regressions(pd.DataFrame(rows), threshold_pct=10.0).set_index("config")
-    assert table.loc["k", "latest_run"] == "r3" and table.loc["k", "baseline_tokens_per_s"] == 100.0
-    assert table.loc["k", "change_pct"] == pytest.approx(-12.0) and table.loc["k", "status"] == "regression"
+             "batch": 4, "tokens_per_s": 100.0} for i in range(3)]
+    rows.append({**rows[0], "run": "other", "run_id": "other", "config": "k2"})
+    rows.append({**rows[0], "run": "running", "run_id": "running", "status": "RUNNING",
+                 "started": t0 + pd.Timedelta(hours=1)})  # unfinished runs are not judged
+    base = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0]
+    steps = {"id0": base, "id1": base, "id2": [v * 1.2 for v in base], "other": base}
+    table = regressions(pd.DataFrame(rows), 0.05, steps).set_index("config")
+    assert table.loc["k", "latest_run"] == "r2" and table.loc["k", "baseline_runs"] == 2
+    assert table.loc["k", "ratio"] == pytest.approx(1.2, rel=0.02) and table.loc["k", "status"] == "regression"
     assert table.loc["k2", "status"] == "no baseline"
-    assert regressions(pd.DataFrame(rows), threshold_pct=12.5).set_index("config").loc["k", "status"] == "ok"
+    # 20 % slower is not a regression at a 25 % threshold; 5 % slower within the noise is "no change"
+    assert regressions(pd.DataFrame(rows), 0.25, steps).set_index("config").loc["k", "status"] == "no change"
+    noisy = {**steps, "id2": [1.3, 0.7, 1.2, 0.8, 1.05, 1.1]}
+    assert regressions(pd.DataFrame(rows), 0.0, noisy).set_index("config").loc["k", "status"] == "no change"
+    assert regressions(pd.DataFrame(rows), 0.05, {**steps, "id2": [1.0]}).set_index(
+        "config").loc["k", "status"] == "too few steps"
+
+
+def test_regressions_page_without_a_baseline_says_so(store_env, monkeypatch):
+    queries = load_queries()
+    one = queries.training_runs(store_env.uri).head(1)
+    monkeypatch.setattr(queries, "training_runs", lambda uri: one)
+    at = _page("regressions")
+    assert _metrics(at)["With a baseline"] == "0" and not at.success
+    assert any("Nothing to compare yet" in w.value for w in at.warning), [w.value for w in at.warning]
 
 
 def test_live_reads_the_runs_jsonl_file(store_env):
@@ -227,8 +248,17 @@ def test_pages_on_an_empty_store_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
     monkeypatch.setenv("LOWRES_RUNS_DIR", str(tmp_path / "no-runs"))
     monkeypatch.delenv("LOWRES_PROMETHEUS_URL", raising=False)
-    expected = {"live": "No running or recent job", "compare": "No training runs",
-                "regressions": "No finished training runs", "federations": "No federations yet"}
+    expected = {"live": "No running or recent job", "compare": "No MLflow store at",
+                "regressions": "No MLflow store at", "federations": "No MLflow store at"}
+    for page, text in expected.items():
+        at = _page(page)
+        assert any(text in i.value for i in at.info), (page, [i.value for i in at.info])
+    assert not (tmp_path / "empty.db").exists()  # reading a store that is not there does not create one
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'empty.db'}").search_experiments()  # a store now, with no runs
+    expected.update(compare="No training runs", regressions="No finished training runs",
+                    federations="No federations yet")
     for page, text in expected.items():
         at = _page(page)
         assert any(text in i.value for i in at.info), (page, [i.value for i in at.info])

@@ -76,8 +76,8 @@ def test_every_page_renders_in_chromium(tmp_path_factory, tmp_path):
     port, driver_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("LOWRES_PROMETHEUS_URL", "MLFLOW_TRACKING_URI")}
     launch = ("from pathlib import Path; from lowres.cli.dash import dash; "
-              f"dash(port={port}, mlflow_uri={seeded.uri!r}, prometheus=None, runs_dir=Path({str(seeded.runs_dir)!r}), "
-              "regression_threshold=5.0)")
+              f"dash(port={port}, tracking_uri={seeded.uri!r}, prometheus=None, runs_dir=Path({str(seeded.runs_dir)!r}), "
+              "regression_threshold=0.07)")
     app_log = open(tmp_path / "dash.log", "wb")
     app = subprocess.Popen([sys.executable, "-c", launch], env=env, cwd=tmp_path, stdout=app_log,
                            stderr=subprocess.STDOUT, start_new_session=True)
@@ -109,9 +109,9 @@ def test_every_page_renders_in_chromium(tmp_path_factory, tmp_path):
             assert errors == 0 and "Traceback" not in text, f"{title}: {text[:2000]}"
             assert browser.script("return document.querySelector('h1') && document.querySelector('h1').innerText"
                                   ).startswith(title)
-            if title == "Regressions":  # `lowres dash --regression-threshold 5` reached the page
+            if title == "Regressions":  # `lowres dash --regression-threshold 0.07` reached the page
                 assert browser.script("return document.querySelector('[data-testid=stNumberInput] input').value"
-                                      ) == "5.00"
+                                      ) == "0.07"
             png = base64.b64decode(browser.cmd("GET", "/screenshot"))
             assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # a blank page compresses to far less
             (shots / f"{title.lower()}.png").write_bytes(png)
@@ -148,5 +148,5 @@ def test_dash_options_are_checked_before_starting_streamlit(tmp_path):
         result = CliRunner().invoke(cli, ["--port", str(port), "--runs-dir", str(tmp_path)])
         assert isinstance(result.exception, PortInUse), result.output
         assert f"port {port} on 127.0.0.1 is already in use" in str(result.exception)
-    result = CliRunner().invoke(cli, ["--port", str(port), "--regression-threshold", "150"])
-    assert isinstance(result.exception, UsageError) and "150" in str(result.exception)
+    result = CliRunner().invoke(cli, ["--port", str(port), "--regression-threshold", "5"])  # a percent: not any more
+    assert isinstance(result.exception, UsageError) and "fraction" in str(result.exception)

@@ -42,7 +42,7 @@ def test_tiny_loss_falls_and_everything_is_tracked(tmp_path):
     steps = [m.step for m in _history(uri, result.run_id, "train/loss")]
     assert steps == list(range(1, 15))
     for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/mfu_ratio",
-                "train/peak_memory_bytes", "train/forward_seconds", "train/backward_seconds", "eval/loss"):
+                "train/peak_memory_megabytes", "train/forward_seconds", "train/backward_seconds", "eval/loss"):
         assert _history(uri, result.run_id, key), key
     # warm-up then cosine decay to min_lr_ratio · lr
     lrs = [m.value for m in _history(uri, result.run_id, "train/learning_rate")]

@@ -17,7 +17,7 @@ from servers import free_port, mlflow_server
 from train_helpers import tiny_overrides, write_corpus
 
 STEPS = 4
-KEYS = ("train/loss", "train/step_seconds", "train/tokens_per_second", "train/peak_memory_bytes")
+KEYS = ("train/loss", "train/step_seconds", "train/tokens_per_second", "train/peak_memory_megabytes")
 
 
 @pytest.fixture(autouse=True)

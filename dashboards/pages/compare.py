@@ -12,7 +12,7 @@ uri = queries.mlflow_uri()
 runs = queries.training_runs(uri)
 st.caption(f"MLflow: `{uri}` · tokens/s and MFU leave out each run's warm-up steps, as `lowres train` reports")
 if runs.empty:
-    st.info("No training runs in this MLflow store yet: `lowres train` logs one.")
+    st.info(queries.store_missing(uri) or "No training runs in this MLflow store yet: `lowres train` logs one.")
     st.stop()
 
 filters = st.columns(5)

@@ -23,7 +23,7 @@ uri = queries.mlflow_uri()
 feds, clients = queries.federations(uri)
 st.caption(f"MLflow: `{uri}`")
 if feds.empty:
-    st.info("No federations yet: `lowres fed` logs one parent run per federation and a child run per client.")
+    st.info(queries.store_missing(uri) or "No federations yet: `lowres fed` logs one parent run per federation and a child run per client.")
     st.stop()
 
 top = st.columns([3, 1])

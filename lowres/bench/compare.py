@@ -17,6 +17,7 @@ from lowres.errors import UsageError
 from lowres.tracking.runs import TAG_FINGERPRINT, TAG_GIT_SHA, TAG_TIER, TAG_VERSION_PREFIX
 
 _SUMMARY = measure.SUMMARY_PREFIX
+GIB = 1024**3
 
 
 @dataclass
@@ -93,4 +94,112 @@ def plot(table: list[Row], path: str | Path) -> Path:
     out = Path(path)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- any runs
+# Where each kind of run keeps its figures, first found wins: a finished `lowres train` logs summary/ values
+# (means without warm-up, as it prints them); bench runs their bench/summary/ medians; tune its chosen probe;
+# a federation the clients' means of its last round; older train runs only their last step's values.
+_TOKENS = ("summary/tokens_per_second", _SUMMARY + "tokens_per_second_median", "advisor/chosen_tokens_per_s",
+           "fed/tokens_per_second", "train/tokens_per_second")
+_MFU = ("summary/mfu_ratio", _SUMMARY + "mfu_ratio_median", "train/mfu_ratio")
+_PEAK_MB = ("summary/peak_memory_megabytes", "train/peak_memory_megabytes")
+_PEAK_BYTES = (_SUMMARY + "peak_memory_bytes_max", "fed/peak_rss_bytes", "train/peak_memory_bytes")
+_LOSS = ("train/loss", "fed/train_loss", "fed/client/train_loss")
+_EVAL = ("eval/loss", "fed/central_eval_loss", "fed/federated_eval_loss")
+KINDS = ("train", "bench", "tune", "fed", "anomaly", "profile", "other")
+
+
+@dataclass
+class RunRow:
+    """One MLflow run of any kind, with the figures `lowres compare` shows."""
+
+    run: str
+    run_id: str
+    experiment: str
+    kind: str
+    status: str
+    started: str  # ISO 8601, UTC, to the second
+    model: str | None
+    precision: str | None
+    rank: str | None
+    tier: str | None
+    fingerprint: str | None
+    steps: int | None
+    loss: float | None
+    eval_loss: float | None
+    tokens_per_s: float | None
+    mfu: float | None
+    peak_memory_gib: float | None
+
+
+def _first(metrics: dict, keys: tuple) -> float | None:
+    return next((float(metrics[k]) for k in keys if k in metrics), None)
+
+
+def run_kind(run, experiment: str) -> str:
+    """train, bench, tune, fed, anomaly, profile or other, from the tags lowres puts on its runs."""
+    t = run.data.tags
+    if TAG_WORKLOAD in t:
+        return "bench"
+    command = t.get("lowres.command", "").split(" ")[0]
+    if command in ("train", "tune", "fed"):
+        return command
+    if t.get("lowres.task") == "anomaly":
+        return "anomaly"
+    if experiment == "lowres-profile" or t.get("lowres.kind") == "profile":
+        return "profile"
+    return "other"
+
+
+def run_row(run, experiment: str) -> RunRow:
+    """A RunRow from an MLflow run (its latest metrics, params and tags only: no history is read)."""
+    import datetime
+
+    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    peak_mb, peak_b = _first(m, _PEAK_MB), _first(m, _PEAK_BYTES)
+    peak = peak_mb * 1e6 / GIB if peak_mb is not None else (peak_b / GIB if peak_b is not None else None)
+    steps = p.get("config.train.max_steps") if run.info.status == "FINISHED" else None
+    started = datetime.datetime.fromtimestamp(run.info.start_time / 1000, datetime.timezone.utc)
+    return RunRow(
+        run=run.info.run_name or run.info.run_id[:8], run_id=run.info.run_id, experiment=experiment,
+        kind=run_kind(run, experiment), status=run.info.status, started=started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        model=t.get(TAG_PRESET) or p.get("config.model.name") or p.get("model.name"),
+        precision=t.get(TAG_PRECISION) or p.get("model.dtype") or p.get("config.precision.compute"),
+        rank=p.get("config.lora.rank") or p.get("lora.rank"), tier=t.get(TAG_TIER),
+        fingerprint=t.get(TAG_FINGERPRINT), steps=int(steps) if steps and steps.isdigit() else None,
+        loss=_first(m, _LOSS), eval_loss=_first(m, _EVAL), tokens_per_s=_first(m, _TOKENS), mfu=_first(m, _MFU),
+        peak_memory_gib=peak)
+
+
+def run_rows(client, experiment_ids: list[str] | None = None, *, kinds: list[str] | None = None,
+             tier: str | None = None, model: str | None = None, precision: str | None = None, limit: int = 20,
+             nested: bool = False) -> list[RunRow]:
+    """The newest ``limit`` runs of the given experiments (default: all), any kind, newest first.
+
+    Child runs (a tune's probes, a federation's clients) are left out unless ``nested``; ``kinds`` narrows
+    to train, bench, tune, fed, anomaly, profile or other; tier, model and precision filter as shown.
+    """
+    names = {e.experiment_id: e.name for e in client.search_experiments()}
+    ids = list(experiment_ids) if experiment_ids is not None else list(names)
+    if not ids:
+        return []
+    out: list[RunRow] = []
+    token = None
+    while len(out) < limit:
+        page = client.search_runs(ids, max_results=500, order_by=["attributes.start_time DESC"], page_token=token)
+        for r in page:
+            if not nested and "mlflow.parentRunId" in r.data.tags:
+                continue
+            row = run_row(r, names.get(r.info.experiment_id, r.info.experiment_id))
+            if ((kinds and row.kind not in kinds) or (tier and row.tier != tier) or (model and row.model != model)
+                    or (precision and row.precision != precision)):
+                continue
+            out.append(row)
+            if len(out) >= limit:
+                break
+        token = page.token
+        if not token:
+            break
     return out

@@ -5,7 +5,7 @@ or machine is a different experiment, not a regression. Each side may hold sever
 machine) — a git sha benchmarked three times — and their per-step values are pooled.
 
 Per-step values: ``bench/step_seconds`` and ``bench/peak_memory_bytes`` of `lowres bench` runs (warm-up
-already dropped); for a plain `lowres train` run, ``train/step_seconds`` / ``train/peak_memory_bytes`` without
+already dropped); for a plain `lowres train` run, ``train/step_seconds`` / ``train/peak_memory_megabytes`` without
 its first ``train.warmup_ignore_steps`` steps.
 """
 
@@ -20,7 +20,8 @@ from lowres.bench.stats import RatioTest, ratio_test
 from lowres.tracking.runs import TAG_GIT_SHA, TAG_VERSION_PREFIX
 
 METRICS = {"step_time": (measure.STEP_SECONDS, "train/step_seconds"),
-           "peak_memory": (measure.PEAK_MEMORY, "train/peak_memory_bytes")}
+           "peak_memory": (measure.PEAK_MEMORY, "train/peak_memory_megabytes")}
+_LEGACY = {"train/peak_memory_megabytes": ("train/peak_memory_bytes", 1e-6)}  # train runs logged before megabytes
 _WATCHED_TAGS = (TAG_GIT_SHA, "lowres.bench.injected_sleep_s", "weights")
 
 
@@ -107,7 +108,9 @@ def _pooled(client, runs: list, metric: str) -> list[float]:
             out += [m.value for m in client.get_metric_history(r.info.run_id, bench_key)]
         else:  # a plain train run: its own series without the warm-up steps it leaves out of its means
             warmup = int(r.data.params.get("config.train.warmup_ignore_steps", 2))
-            out += [m.value for m in client.get_metric_history(r.info.run_id, train_key) if m.step > warmup]
+            key, scale = (train_key, 1.0) if train_key in r.data.metrics or train_key not in _LEGACY \
+                else _LEGACY[train_key]
+            out += [m.value * scale for m in client.get_metric_history(r.info.run_id, key) if m.step > warmup]
     return out
 
 

@@ -24,9 +24,14 @@ def run(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="configs/anomaly/*.yaml")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a field.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print every figure as JSON on stdout.")] = False,
+    output_dir: Annotated[str | None, typer.Option("--output", "-o", help="Folder of the run's files "
+                                                   "(output_dir).")] = None,
 ) -> None:
     """Train teachers, score the public set, pseudo-label, train and save the student; compare with FedAvg."""
     from lowres.anomaly.pipeline import load_anomaly_config, run_pipeline
+
+    if output_dir is not None:
+        overrides = list(overrides or []) + [f"output_dir={json.dumps(output_dir)}"]
 
     console = Console(stderr=True)
     cfg = load_anomaly_config(config, overrides)

@@ -72,28 +72,116 @@ def bench(
 
 
 def compare(
+    experiment: Annotated[list[str] | None, typer.Option("--experiment", "-e", help="Only runs of this MLflow "
+                                                         "experiment (repeatable; default: every experiment).")] = None,
+    kind: Annotated[list[str] | None, typer.Option("--kind", help="Only train, bench, tune, fed, anomaly, profile "
+                                                   "or other runs (repeatable).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Only this model (preset or hub id).")] = None,
     tier: Annotated[str | None, typer.Option("--tier", help="Only machines of this tier.")] = None,
-    preset: Annotated[str | None, typer.Option("--preset", help="Only this model preset (e.g. tiny).")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="Only fp32, bf16 or nf4.")] = None,
-    experiment: ExperimentOpt = "lowres-bench",
-    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Also write a bar chart.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="Only fp32, bf16, fp16 or nf4.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="The newest this many runs.")] = 20,
+    nested: Annotated[bool, typer.Option("--nested", help="Also child runs (tune probes, federation clients).")] = False,
+    group: Annotated[bool, typer.Option("--group", help="Benchmark runs grouped by workload × machine × version "
+                                        "(medians), as across a lab's machines.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
+    csv_output: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV on stdout.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Also write a bar chart "
+                                              "(with --group).")] = None,
     tracking_uri: UriOpt = None,
+    preset: Annotated[str | None, typer.Option("--preset", hidden=True)] = None,  # the name before --model
 ) -> None:
-    """Benchmark results across machines and versions: a table (and optionally a plot) from MLflow."""
+    """Runs side by side — train, bench, tune, fed, any — newest first, from MLflow: throughput, MFU, peak
+    memory, loss; --group for benchmark medians across machines and versions."""
+    from lowres.bench.compare import KINDS, run_rows
+    from lowres.errors import UsageError
+    from lowres.tracking.runs import client as make_client
+
+    model = model or preset
+    if json_output and csv_output:
+        raise UsageError("--json and --csv both given", hint="pick one output format")
+    bad = [k for k in kind or [] if k not in KINDS]
+    if bad:
+        raise UsageError(f"--kind {bad[0]!r} is not a kind of run", hint=f"choose from {', '.join(KINDS)}")
+    if plot is not None and not group:
+        group = True  # the chart is of benchmark medians
+    if group:
+        _compare_groups(tracking_uri, experiment or ["lowres-bench"], tier, model, precision, plot,
+                        json_output, csv_output)
+        return
+    client = make_client(tracking_uri)
+    ids = None
+    if experiment:
+        ids = [_experiment(tracking_uri, name)[1][0] for name in experiment]
+    table_rows = run_rows(client, ids, kinds=kind, tier=tier, model=model, precision=precision, limit=limit,
+                          nested=nested)
+    if json_output or csv_output:
+        _dump([r.__dict__ for r in table_rows], csv_output)
+        return
+    console = Console()
+    if not table_rows:
+        where = f"experiment {', '.join(map(repr, experiment))}" if experiment else "this MLflow store"
+        console.print(f"no runs match in {where} ({client.tracking_uri}); `lowres train` logs one", highlight=False,
+                      soft_wrap=True)
+        return
+    from rich import box
+
+    # Identifying columns fold onto more lines instead of being cut, figures never wrap; on a narrow terminal
+    # the machine is its tier only (--json and --csv carry everything).
+    wide = console.width >= 110
+    table = Table(title=f"lowres compare · newest {len(table_rows)} runs · {client.tracking_uri}",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  caption="loss: last train loss over eval loss · tok/s and MFU leave out warm-up steps · peak memory in GiB")
+    for col, justify, width in (("run", "left", 20), ("kind", "left", 5), ("model", "left", 8),
+                                ("machine", "left", 10), ("loss\neval", "right", None),
+                                ("tok/s", "right", None), ("MFU", "right", None), ("peak", "right", None)):
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=justify == "right", min_width=width,
+                         max_width=None if wide or not width else width + 2)
+    for r in table_rows:
+        status = "" if r.status == "FINISHED" else f"\n{r.status.lower()}"
+        table.add_row(f"{r.run}\n[dim]{r.run_id[:12]}[/]", r.kind + status,
+                      " ".join(x for x in (r.model, r.precision, r.rank and f"r{r.rank}") if x) or "—",
+                      "\n".join(x for x in (r.tier, r.fingerprint if wide else None) if x) or "—",
+                      f"{_fmt(r.loss, '.3f')}\n{_fmt(r.eval_loss, '.3f')}", _fmt(r.tokens_per_s, ",.0f"),
+                      _fmt(r.mfu, ".1%"), _fmt(r.peak_memory_gib, ".2f"))
+    console.print(table)
+
+
+def _dump(rows: list[dict], as_csv: bool) -> None:
+    import csv
+    import json
+    import sys
+
+    if not as_csv:
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    if rows:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _compare_groups(tracking_uri, experiments, tier, preset, precision, plot, json_output, csv_output) -> None:
     from lowres.bench.compare import plot as write_plot
     from lowres.bench.compare import rows
 
-    client, exp_ids = _experiment(tracking_uri, experiment)
+    client, exp_ids = None, []
+    for name in experiments:
+        client, ids = _experiment(tracking_uri, name)
+        exp_ids += ids
     table_rows = rows(client, exp_ids, tier=tier, preset=preset, precision=precision)
+    if json_output or csv_output:
+        _dump([r.__dict__ for r in table_rows], csv_output)
+        return
     console = Console()
     if not table_rows:
-        console.print(f"no finished benchmark runs in experiment {experiment!r} match", highlight=False)
+        console.print(f"no finished benchmark runs in experiment {', '.join(map(repr, experiments))} match",
+                      highlight=False)
         raise typer.Exit(0)
-    table = Table(title=f"lowres compare · {experiment}")
+    table = Table(title=f"lowres compare · {', '.join(experiments)}")
     for col, justify in (("workload", "left"), ("machine", "left"), ("tier", "left"), ("version", "left"),
                          ("runs", "right"), ("tokens/s", "right"), ("MFU", "right"), ("peak mem", "right"),
                          ("step p50", "right")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=justify == "right")
     for r in table_rows:
         table.add_row(r.workload, r.fingerprint, r.tier, r.version, str(r.runs), _fmt(r.tokens_per_s, ",.0f"),
                       _fmt(r.mfu, ".1%"), _fmt(r.peak_memory_bytes and r.peak_memory_bytes / GIB, ".2f", " GiB"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,16 +29,18 @@ def streamlit_command(app: Path, port: int, address: str = "127.0.0.1") -> list[
 
 def dash(
     port: Annotated[int, typer.Option("--port", "-p", help="Port on 127.0.0.1 to serve on.")] = 8501,
-    mlflow_uri: Annotated[str | None, typer.Option("--mlflow-uri", help="MLflow tracking URI (default: "
-                                                   "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI "
+                                                     "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here; "
+                                                     "the dashboard never creates that file).")] = None,
     prometheus: Annotated[str | None, typer.Option("--prometheus", metavar="URL", help="Prometheus base URL for the "
                                                    "Live and Federations pages (default: $LOWRES_PROMETHEUS_URL; "
                                                    "none: read the run's profile.jsonl).")] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder searched for runs' profile.jsonl files.")]
     = Path("runs"),
-    regression_threshold: Annotated[float, typer.Option("--regression-threshold", metavar="PCT", help="Regressions "
-                                                        "page: flag a run this many % slower than its baseline.")]
-    = 10.0,
+    regression_threshold: Annotated[float, typer.Option("--regression-threshold", metavar="FRACTION", help=
+                                                        "Regressions page: the relative change that counts, as "
+                                                        "`lowres regress --threshold` (0.05 = 5 %).")] = 0.05,
+    mlflow_uri: Annotated[str | None, typer.Option("--mlflow-uri", hidden=True)] = None,  # before --tracking-uri
 ) -> None:
     """Open the dashboard: Advisor, Live, Compare, Regressions and Federations pages, served on 127.0.0.1."""
     from lowres.errors import UsageError
@@ -51,23 +52,30 @@ def dash(
                          hint="run from a source checkout, or set LOWRES_DASHBOARDS to the dashboards folder")
     if not 1 <= port <= 65535:
         raise UsageError(f"--port must be in 1..65535, got {port}")
-    if not 0 <= regression_threshold <= 100:
-        raise UsageError(f"--regression-threshold must be a percentage in 0..100, got {regression_threshold}")
+    if not 0 <= regression_threshold < 1:
+        raise UsageError(f"--regression-threshold must be a fraction in [0, 1), got {regression_threshold}",
+                         hint="0.05 flags a run 5 % slower than its baseline, as lowres regress --threshold")
     _check_free(port, PortInUse)
     env = dict(os.environ)
-    if mlflow_uri:
-        env["MLFLOW_TRACKING_URI"] = mlflow_uri
+    from profiler.sinks.mlflow import resolve_tracking_uri
+
+    # Resolved here, to an absolute path for a SQLite store, so the pages read the store this folder meant
+    # (and say so when it does not exist, rather than creating an empty mlflow.db wherever Streamlit runs).
+    uri = resolve_tracking_uri(tracking_uri or mlflow_uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    env["MLFLOW_TRACKING_URI"] = uri
     if prometheus:
         env["LOWRES_PROMETHEUS_URL"] = prometheus
     env["LOWRES_RUNS_DIR"] = str(runs_dir.expanduser().resolve())
-    env["LOWRES_REGRESSION_THRESHOLD_PCT"] = str(regression_threshold)
-    typer.echo(f"lowres dash: http://127.0.0.1:{port} (Ctrl+C stops it)", err=True)
-    try:
-        code = subprocess.call(streamlit_command(app, port), env=env)
-    except KeyboardInterrupt:
-        code = 130
-    if code:
-        raise typer.Exit(code)
+    env["LOWRES_REGRESSION_THRESHOLD"] = str(regression_threshold)
+    typer.echo(f"lowres dash: http://127.0.0.1:{port} · MLflow {uri} (Ctrl+C stops it)", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec, not a child: a SIGTERM to `lowres dash` (a service manager, a container stop) then reaches Streamlit
+    # itself instead of leaving it serving behind a dead parent
+    cmd = streamlit_command(app, port)
+    os.execve(cmd[0], cmd, env)
 
 
 def _check_free(port: int, port_in_use: type) -> None:

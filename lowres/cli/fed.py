@@ -34,10 +34,16 @@ def run(
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP to the SuperLink (loopback tests).")] = False,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Deployment: wait for the run to finish.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    output_dir: Annotated[str | None, typer.Option("--output", "-o", help="Folder of the federation's files "
+                                                   "(output_dir).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI "
+                                                     "(tracking.mlflow_uri).")] = None,
 ) -> None:
     """Run a federation: simulated on this machine, or submitted to a SuperLink."""
     from lowres.federated.config import load_fed_config
 
+    overrides = list(overrides or []) + [f"{k}={json.dumps(v)}" for k, v in (
+        ("output_dir", output_dir), ("tracking.mlflow_uri", tracking_uri)) if v is not None]
     console = Console(stderr=True)
     fed = load_fed_config(config, overrides)
     if superlink is None:
@@ -89,8 +95,9 @@ def supernode_cmd(
     data_path: Annotated[str | None, typer.Option("--data-path", help="This node's own data file or folder.")] = None,
     overrides: Annotated[str | None, typer.Option("--overrides", help='This node\'s recipe, e.g. "lora.rank=4 precision.quant=nf4".')] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads for this node's client.")] = None,
-    output_dir: Annotated[str | None, typer.Option("--output-dir", help="This node's run files (default: beside "
+    output_dir: Annotated[str | None, typer.Option("--output", "-o", help="This node's run files (default: beside "
                                                    "the server's federation folder).")] = None,
+    output_dir_old: Annotated[str | None, typer.Option("--output-dir", hidden=True)] = None,  # before --output
     port: Annotated[int, typer.Option("--port", help="This node's own runtime API port (one per node per host).")] = 9094,
     root_cert: Annotated[str | None, typer.Option("--root-cert", help="CA certificate of a TLS SuperLink.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP (loopback tests only).")] = False,
@@ -101,6 +108,7 @@ def supernode_cmd(
     from lowres.federated.deploy import flower_env, supernode_command
 
     _tls_choice(root_cert, insecure)
+    output_dir = output_dir or output_dir_old
     node_config: dict[str, object] = {}
     for key, value in (("partition-id", partition_id), ("num-partitions", num_partitions), ("data-path", data_path),
                        ("lowres-overrides", overrides), ("lowres-threads", threads), ("lowres-output-dir", output_dir)):

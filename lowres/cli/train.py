@@ -96,7 +96,7 @@ def train(
     console = Console(stderr=True)
     result = run(cfg, resume=resume, console=console, progress=not quiet)
     if json_output:
-        d = {k: v for k, v in result.__dict__.items() if k not in ("history", "profile")}
+        d = {k: v for k, v in result.__dict__.items() if k != "history"}  # profile: the profiler's summary
         sys.stdout.write(json.dumps(d, default=str, indent=2) + "\n")
     else:
         _print_result(Console(), result)

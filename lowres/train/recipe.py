@@ -14,6 +14,7 @@ writes happen on a thread (metrics_log), sampling in the profiler's own process.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import platform
 import shutil
@@ -351,8 +352,11 @@ class Recipe:
         self.history.append(record)
         if self.logger:
             keys = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "step_seconds", "mfu_ratio",
-                    "peak_memory_bytes", *(f"{p}_seconds" for p in PHASES))
-            self.logger.log({f"train/{k}": record[k] for k in keys if k in record}, self.step)
+                    *(f"{p}_seconds" for p in PHASES))
+            # memory in megabytes (10^6), MLflow's unit for its own system metrics: its charts show raw bytes
+            # as unreadable 1.2e9s
+            self.logger.log({f"train/{k}": record[k] for k in keys if k in record}
+                            | {"train/peak_memory_megabytes": record["peak_memory_bytes"] / 1e6}, self.step)
         if self.prof:
             for name, key in (("lowres_train_loss", "loss"), ("lowres_train_tokens_per_second", "tokens_per_second"),
                               ("lowres_train_step_seconds", "step_seconds"), ("lowres_train_mfu_ratio", "mfu_ratio"),
@@ -360,6 +364,14 @@ class Recipe:
                 self.prof.record(name, record[key])
             self.prof.record("lowres_train_steps_total", self.step)
         bar.update(self.step, record["loss"], record["tokens_per_second"], record["peak_memory_bytes"])
+
+    def log_summary(self, result: TrainResult) -> None:
+        """The run's figures as `lowres train` prints them (means without warm-up), one value each under
+        ``summary/``: MLflow's runs table and `lowres compare` show these rather than the last step's."""
+        if self.logger and result.tokens_per_s is not None:
+            figures = {"summary/tokens_per_second": result.tokens_per_s, "summary/step_seconds": result.step_seconds,
+                       "summary/mfu_ratio": result.mfu, "summary/peak_memory_megabytes": result.peak_rss_bytes / 1e6}
+            self.logger.log({k: v for k, v in figures.items() if v is not None}, self.step)
 
     def _evaluate(self) -> None:
         with (self.prof.phase("eval") if self.prof else contextlib.nullcontext()):
@@ -413,6 +425,12 @@ class Recipe:
         if self.prof is not None:
             summary = self.prof.stop().to_dict()
             self.prof = None
+            # what the profiler measured, kept with the run: printed by `lowres train`, in its --json, and an
+            # MLflow artifact (profile_summary.json) beside config.yaml
+            path = self.out / "profile_summary.json"
+            path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            if self.tracker is not None:
+                self.tracker.log_artifact(path)
         if self.logger is not None:
             self.logger.close()
         if self.tracker is not None:
@@ -440,6 +458,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Any = None, progress: 
     try:
         recipe.setup()
         result = recipe.train(steps)
+        recipe.log_summary(result)
         status = "FINISHED" if result.stopped_by in ("max_steps", "steps") else "KILLED"
     except KeyboardInterrupt:
         status = "KILLED"
