@@ -104,7 +104,7 @@ def plot(table: list[Row], path: str | Path) -> Path:
 _TOKENS = ("summary/tokens_per_second", _SUMMARY + "tokens_per_second_median", "advisor/chosen_tokens_per_s",
            "fed/tokens_per_second", "train/tokens_per_second")
 _MFU = ("summary/mfu_ratio", _SUMMARY + "mfu_ratio_median", "train/mfu_ratio")
-_PEAK_MB = ("summary/peak_memory_megabytes", "train/peak_memory_megabytes")
+_PEAK_MB = ("summary/peak_memory_megabytes", "train/peak_memory_megabytes", "system/lowres/process_rss_peak_megabytes")
 _PEAK_BYTES = (_SUMMARY + "peak_memory_bytes_max", "fed/peak_rss_bytes", "train/peak_memory_bytes")
 _LOSS = ("train/loss", "fed/train_loss", "fed/client/train_loss")
 _EVAL = ("eval/loss", "fed/central_eval_loss", "fed/federated_eval_loss")

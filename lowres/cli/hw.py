@@ -24,13 +24,22 @@ def hw(
     ] = None,
     probe_bnb: Annotated[
         bool,
-        typer.Option("--probe-bnb/--no-probe-bnb", help="Find which bitsandbytes backends work (imports torch, ~3 s)."),
+        typer.Option("--probe-bnb/--no-probe-bnb", help="Find which bitsandbytes backends work (imports torch and "
+                     "bitsandbytes: 3 s on an idle machine, 15 s on a busy one)."),
     ] = True,
 ) -> None:
     """Show the machine lowres runs on: CPU and its ISA features, memory, cgroup limits, GPUs, versions."""
     from lowres.hardware import detect, load_profile, save_profile
 
-    prof = load_profile(profile) if profile else detect(probe_bnb=probe_bnb)
+    if profile:
+        prof = load_profile(profile)
+    elif probe_bnb:
+        from lowres.cli.working import working
+
+        with working("probing bitsandbytes backends (imports torch; --no-probe-bnb skips it) …"):
+            prof = detect(probe_bnb=True)
+    else:
+        prof = detect(probe_bnb=False)
     if save is not None:
         written = save_profile(prof, save)
         # Keep stdout pure JSON when both are asked for.

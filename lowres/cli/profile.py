@@ -28,10 +28,19 @@ def _check_interval(interval: float) -> None:
 
 
 def _mlflow_run(cmd: list[str]):
-    """A new MLflow run (experiment ``lowres-profile``) for this command, with lowres' standard tags."""
-    from lowres.tracking.runs import start_run
+    """A new MLflow run (experiment ``lowres-profile``) for this command, with lowres' standard tags — the
+    machine's fingerprint and tier among them — and a name that says what ran: ``profile-python-train-host-1a2b``
+    for ``python train.py`` (the program, its first argument's stem, the host, a random suffix)."""
+    import platform
 
-    return start_run("lowres-profile", run_name=Path(cmd[0]).name, tags={"lowres.command": " ".join(cmd)[:5000]})
+    from lowres.hardware import detect
+    from lowres.tracking.runs import descriptive_run_name, start_run
+
+    hw = detect(probe_bnb=False)  # cheap: no torch import
+    what = [Path(cmd[0]).name] + [Path(a).stem for a in cmd[1:2] if not a.startswith("-")]
+    return start_run("lowres-profile", run_name=descriptive_run_name("profile", *what, platform.node().split(".")[0][:24]),
+                     fingerprint=hw.fingerprint, tier=hw.tier,
+                     tags={"lowres.command": " ".join(cmd)[:5000], "lowres.kind": "profile"})
 
 
 def _sink_specs(jsonl: Optional[Path], prometheus_port: Optional[int], pushgateway: Optional[str],
@@ -141,8 +150,11 @@ def profile(
     finally:
         summary = prof.stop()
         if mlflow_run is not None:
-            from lowres.tracking.runs import end_run
+            from lowres.tracking.runs import end_run, log_text
 
+            # the summary printed below, kept with the run as `lowres train` keeps its own
+            log_text(mlflow_run.run_id, json.dumps({"command": cmd, "exit_code": code, **summary.to_dict()}, indent=2,
+                                                   default=str), "profile_summary.json", mlflow_run.tracking_uri)
             end_run(mlflow_run.run_id, "FINISHED" if code == 0 else "FAILED", mlflow_run.tracking_uri)
     if as_json:
         print(json.dumps({"command": cmd, "exit_code": code, **summary.to_dict()}))

@@ -153,5 +153,8 @@ def export(
     from lowres.train.tools import export_run
 
     out = out or out_old or Path("export")  # --out: the name before --output
-    files = export_run(find_run(run_dir), out, merge)
+    from lowres.cli.working import working
+
+    with working(f"writing the {'merged model' if merge else 'adapter'} to {out} …"):
+        files = export_run(find_run(run_dir), out, merge)
     Console().print(f"wrote {'merged model' if merge else 'adapter'} to {out}: {', '.join(files)}", highlight=False)
