@@ -27,7 +27,8 @@ LOWRES = [sys.executable, "-m", "lowres.cli.app"]
 
 # One meaning per short flag, across every command that has it.
 SHORT = {"-c": "--config", "-m": "--model", "-o": "--output", "-b": "--batch-size", "-e": "--experiment",
-         "-d": "--data", "-r": "--rank", "-q": "--quiet", "-p": "--port", "-n": "--repeats", "-w": "--workload",
+         "-d": "--data", "-r": "--rank", "-q": "--quiet", "-p": "--prompt", "-n": "--max-new-tokens",
+         "-t": "--temperature", "-w": "--workload",
          "-H": "--hardware", "-h": "--help", "-V": "--version"}
 # Old spellings: they still work, but no help screen shows them.
 RETIRED = ("--mlflow-uri", "--output-dir", "--out")

@@ -22,13 +22,14 @@ def _fmt(x, spec: str, unit: str = "") -> str:
 
 def bench(
     suite: Annotated[str, typer.Option("--suite", help="quick (tiny model, minutes) or full (+ SmolLM2-135M).")] = "quick",
-    repeats: Annotated[int, typer.Option("--repeats", "-n", min=1, help="Timed repeats per workload.")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats per workload.")] = 3,
     workload: Annotated[list[str] | None, typer.Option("--workload", "-w", help="Only workloads whose name "
                                                        "contains this (repeatable).")] = None,
     tracking_uri: UriOpt = None,
     experiment: ExperimentOpt = "lowres-bench",
     in_process: Annotated[bool, typer.Option("--in-process", help="Run every workload in this process (faster "
                                              "start; peak memory then carries over between workloads).")] = False,
+    repeats_old: Annotated[int | None, typer.Option("-n", min=1, hidden=True)] = None,  # -n: --max-new-tokens now
 ) -> None:
     """Run the standard benchmark suite: tokens/s, MFU, peak memory, step times, profiler overhead.
 
@@ -37,6 +38,8 @@ def bench(
     """
     from lowres.bench.suite import run_suite
     from lowres.bench.workloads import suite_workloads
+
+    repeats = repeats if repeats_old is None else repeats_old
 
     console, err = Console(), Console(stderr=True)
     todo = suite_workloads(suite, workload)

@@ -28,7 +28,7 @@ def streamlit_command(app: Path, port: int, address: str = "127.0.0.1") -> list[
 
 
 def dash(
-    port: Annotated[int, typer.Option("--port", "-p", help="Port on 127.0.0.1 to serve on.")] = 8501,
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1 to serve on.")] = 8501,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI "
                                                      "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here; "
                                                      "the dashboard never creates that file).")] = None,
@@ -41,11 +41,13 @@ def dash(
                                                         "Regressions page: the relative change that counts, as "
                                                         "`lowres regress --threshold` (0.05 = 5 %).")] = 0.05,
     mlflow_uri: Annotated[str | None, typer.Option("--mlflow-uri", hidden=True)] = None,  # before --tracking-uri
+    port_old: Annotated[int | None, typer.Option("-p", hidden=True)] = None,  # -p is --prompt (generate) now
 ) -> None:
     """Open the dashboard: Advisor, Live, Compare, Regressions and Federations pages, served on 127.0.0.1."""
     from lowres.errors import UsageError
     from profiler.sinks import PortInUse
 
+    port = port if port_old is None else port_old
     app = dashboards_dir() / "streamlit_app.py"
     if not app.is_file():
         raise UsageError(f"the dashboard app is not at {app}",
