@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
 
-    from lowres.federated.hostile import CRAFTED, CRAFTED_IDENTITY
+    from lowres.federated.hostile import CRAFTED, CRAFTED_EVAL, CRAFTED_IDENTITY
     from lowres.hardware import detect
 
     hw = detect()
-    names = list(CRAFTED) + list(CRAFTED_IDENTITY)
+    names = list(CRAFTED) + list(CRAFTED_IDENTITY) + list(CRAFTED_EVAL)
     print(f"hostile_fed: {len(names)} crafted replies, 3 honest tiny clients, 2 local steps; CPU {hw.cpu.model} "
           f"({hw.cpu.logical_cores} threads, tier {hw.tier}); the server loop in this process (LocalGrid)", flush=True)
     crashed, captured, rss, traced = set(), set(), [], []
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{why[:90]}", flush=True)
         print()
         for agg in ("fedavg", "median", "trimmed_mean"):
-            r = run(Path(tmp) / f"all-{agg}", names, 2, f"strategy.aggregator={agg}")
+            r = run(Path(tmp) / f"all-{agg}", names, 2, *([f"strategy.aggregator={agg}"] if agg != "fedavg" else []))
             rss.append(r["rss_rise_mb"])
             traced.append(r["traced_peak_mb"])
             cos = ", ".join(f"{c:.4f}" for c in r["cosines"])

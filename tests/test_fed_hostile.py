@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 from lowres.federated.client import clear_cache
 from lowres.federated.client_app import app as client_app
 from lowres.federated.config import load_fed_config
-from lowres.federated.hostile import CRAFTED, CRAFTED_IDENTITY, HostileGrid, cosine
+from lowres.federated.hostile import CRAFTED, CRAFTED_EVAL, CRAFTED_IDENTITY, HostileGrid, cosine
 from lowres.federated.preparation import prepare
 from lowres.federated.server import run_federation
 from lowres.federated.strategy import Update, aggregate, screen, update_weights
@@ -46,7 +46,7 @@ def run_hostile(tmp_path, honest, crafted, *extra):
 
 
 def test_crafted_replies_neither_crash_nor_capture_the_round(tmp_path):
-    crafted = list(CRAFTED) + list(CRAFTED_IDENTITY)
+    crafted = list(CRAFTED) + list(CRAFTED_IDENTITY) + list(CRAFTED_EVAL)
     assert len(crafted) >= 12
     res, grid, cos = run_hostile(tmp_path, 3, crafted, "rounds=2")
     name_of = {f"node-{n}": craft for n, craft in grid.crafted.items()}
@@ -68,7 +68,10 @@ def test_crafted_replies_neither_crash_nor_capture_the_round(tmp_path):
     windows = grid.server_windows
     assert windows and max(w["traced_peak_bytes"] for w in windows) < 64 * MB, windows
     assert max(w["rss_rise_bytes"] for w in windows) < 128 * MB, windows
-    assert np.isfinite(res.rounds[-1]["central_eval_loss"]) and res.final_eval["clients"] == 3
+    assert np.isfinite(res.rounds[-1]["central_eval_loss"]) and np.isfinite(res.final_eval["federated_eval_loss"])
+    # the final federated eval: its crafted answers are recorded and left out of the mean
+    eval_failed = {name_of[f["client"]] for f in res.final_eval["failures"]}
+    assert eval_failed == set(CRAFTED_EVAL)
 
 
 def test_inflated_num_examples_captures_fedavg_without_the_cap(tmp_path):

@@ -242,10 +242,18 @@ CRAFTED_IDENTITY: dict[str, dict | None] = {
     "identity_rank_nan": {"partition_id": -1.0, "rank": math.nan},
     "identity_partition_fraction": {"partition_id": 0.5, "rank": 8.0},
 }
+# crafted answers to the final federated eval (these nodes fail their train rounds with an error reply);
+# every other hostile node answers the eval as the honest template does, so a crash is the craft's own
+CRAFTED_EVAL: dict[str, dict | None] = {
+    "eval_missing_metrics": None,
+    "eval_num_examples_inf": {"num_examples": math.inf, "eval_loss": 0.0},
+    "eval_loss_list": {"num_examples": 10.0, "eval_loss": [1.0, 2.0]},
+}
 
 
 class HostileGrid(LocalGrid):
-    """``honest`` real clients, then one node per name in ``crafted`` (keys of CRAFTED or CRAFTED_IDENTITY)."""
+    """``honest`` real clients, then one node per name in ``crafted`` (keys of CRAFTED, CRAFTED_IDENTITY or
+    CRAFTED_EVAL)."""
 
     def __init__(self, client_app: Any, honest: int, crafted: list[str], **kw: Any):
         super().__init__(client_app, honest + len(crafted), **kw)
@@ -300,6 +308,14 @@ class HostileGrid(LocalGrid):
                     content = RecordDict({} if metrics is None else {METRICS_KEY: MetricRecord(metrics)})
                 else:  # a train craft identifies itself as the honest nodes do
                     content = RecordDict({METRICS_KEY: MetricRecord({"partition_id": -1.0, **_rank_of(template)})})
+            elif kind == "train" and name in CRAFTED_EVAL:
+                replies.append(Message(Error(code=0, reason="crafted error"), reply_to=msg))
+                continue
+            elif kind == "evaluate" and name in CRAFTED_EVAL:
+                metrics = CRAFTED_EVAL[name]
+                content = RecordDict({} if metrics is None else {METRICS_KEY: MetricRecord(metrics)})
+            elif kind == "evaluate" and template is not None:  # as the honest do: only the craft above differs
+                content = RecordDict({METRICS_KEY: MetricRecord(dict(template.content[METRICS_KEY]))})
             elif kind == "train" and template is not None and name in CRAFTED:
                 parts = encode(decode(from_arrayrecord(template.content[ARRAYS_KEY])), "none")
                 metrics = {k: v for k, v in dict(template.content[METRICS_KEY]).items()}
@@ -313,7 +329,7 @@ class HostileGrid(LocalGrid):
                 if metrics is not None:
                     records[METRICS_KEY] = MetricRecord(metrics)
                 content = RecordDict(records)
-            else:  # evaluate (or a round without an honest reply): a reply without its metrics
+            else:  # no honest reply to copy from: an empty answer
                 content = RecordDict({})
             reply, _ = through_wire(Message(content, reply_to=msg), reply=True)
             replies.append(reply)

@@ -16,9 +16,10 @@ from lowres.federated.strategy import Update
 from lowres.federated.wire import ARRAYS_KEY, METRICS_KEY, from_arrayrecord
 
 
-def reply_metrics(content: Any, required: tuple[str, ...] = ()) -> dict[str, float]:
-    """A reply's metrics record as finite floats. ValueError when the record is missing or a ``required`` key
-    is absent or not a finite number; other keys that are not finite numbers (lists, NaN) are dropped."""
+def reply_metrics(content: Any, required: tuple[str, ...] = (), numeric: tuple[str, ...] = ()) -> dict[str, float]:
+    """A reply's metrics record as finite floats. ValueError when the record is missing, a ``required`` key
+    is absent or not a finite number, or a ``numeric`` key is present but not one; other keys that are not
+    finite numbers (lists, NaN) are dropped."""
     record = content.metric_records.get(METRICS_KEY) if hasattr(content, "metric_records") else None
     if record is None:
         raise ValueError("the reply has no metrics record")
@@ -31,7 +32,7 @@ def reply_metrics(content: Any, required: tuple[str, ...] = ()) -> dict[str, flo
                 continue
             if math.isfinite(f):
                 out[str(key)] = f
-    for key in required:
+    for key in (*required, *(k for k in numeric if k in record)):
         if key not in out:
             raise ValueError(f"metric {key!r} is missing or not a finite number "
                              f"({short_reason(repr(record[key])) if key in record else 'absent'})")

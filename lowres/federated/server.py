@@ -270,7 +270,7 @@ def federated_eval(grid: Any, fed: FedConfig, prep: Prepared, tensors: dict[str,
         sent[n] = content_bytes(content)
         monitor.sent(known[n]["client"], sent[n])
         messages.append(_message(content, n, "EVALUATE"))
-    losses, weights, seen = [], [], set()
+    losses, weights, seen, bad = [], [], set(), []
     cap = float(fed.strategy.max_examples) if fed.strategy.max_examples else math.inf
     replies = list(grid.send_and_receive(messages, timeout=fed.robustness.round_timeout_s))
     for n in set(nodes) - {r.metadata.src_node_id for r in replies}:
@@ -281,15 +281,18 @@ def federated_eval(grid: Any, fed: FedConfig, prep: Prepared, tensors: dict[str,
             if n not in sent or n in seen or reply.has_error():
                 continue
             seen.add(n)
-            m = reply_metrics(reply.content, ("num_examples",))
+            m = reply_metrics(reply.content, ("num_examples",), numeric=("eval_loss",))
             monitor.reply(fed.rounds, known[n]["client"], content_bytes(reply.content), m, kind="evaluate")
             if "eval_loss" in m and m["num_examples"] > 0:
                 losses.append(m["eval_loss"])
                 weights.append(1.0 if fed.strategy.weighting == "equal" else min(m["num_examples"], cap))
         except Exception as exc:
             who = known.get(getattr(reply.metadata, "src_node_id", None), {}).get("client", "unknown")
-            monitor.failure(fed.rounds, who, f"bad eval reply: {short_reason(exc)}", rejected=True)
-    out = {"clients": len(losses)}
+            bad.append({"client": who, "reason": f"bad eval reply: {short_reason(exc)}", "rejected": True})
+            monitor.failure(fed.rounds, who, bad[-1]["reason"], rejected=True)
+    out: dict[str, Any] = {"clients": len(losses)}
+    if bad:
+        out["failures"] = bad
     if losses:
         out["federated_eval_loss"] = float(np.average(losses, weights=weights))
         monitor.round_done(fed.rounds, {"federated_eval_loss": out["federated_eval_loss"]})
