@@ -215,3 +215,6 @@ def test_base_install_runs_help_and_hw_without_torch(tmp_path):
     table = subprocess.run([str(exe), "hw"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                            env={**os.environ, "COLUMNS": "100"})
     assert table.returncode == 0 and "fingerprint" in table.stdout and "torch not installed" in table.stdout
+    # a command that needs an extra says which, in one line, instead of a traceback
+    cmp = subprocess.run([str(exe), "compare"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert cmp.returncode == 1 and "pip install 'lowres[mlflow]'" in cmp.stderr and "Traceback" not in cmp.stderr

@@ -80,6 +80,12 @@ app.add_typer(anomaly_app, name="anomaly")
 err_console = Console(stderr=True)
 
 
+# optional packages → the extra that brings them (pyproject.toml); the base install runs hw, profile, --help
+_EXTRAS = {"mlflow": "mlflow", "torch": "train", "transformers": "train", "peft": "train", "accelerate": "train",
+           "tokenizers": "train", "safetensors": "train", "bitsandbytes": "train", "datasets": "train",
+           "numpy": "train", "flwr": "fed", "ray": "fed", "streamlit": "dash", "pandas": "dash", "altair": "dash"}
+
+
 def _quiet_third_party_noise() -> None:
     """Silence two messages that say nothing actionable to a lowres user.
 
@@ -112,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(getattr(exc, "exit_code", 2))
     except SystemExit:
         raise
+    except ModuleNotFoundError as exc:  # a command whose extra this install lacks (`pip install lowres` is small)
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None or os.environ.get("LOWRES_DEBUG") == "1":
+            raise
+        err_console.print(f"[bold red]error:[/] this command needs {exc.name.split('.')[0]}, which is not installed — "
+                          f"pip install 'lowres\\[{extra}]' (see the README's install guide)", highlight=False,
+                          soft_wrap=True)
+        sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors and aborts carry their own exit codes
