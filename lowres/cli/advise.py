@@ -62,6 +62,9 @@ def advise(
         int | None, typer.Option("--loss-chunk-tokens", help="Tokens per LM-head/loss chunk; 0 = no chunks.")
     ] = None,
     headroom: Annotated[float, typer.Option("--headroom", help="Fraction of the memory budget kept free.")] = 0.10,
+    mode: Annotated[str, typer.Option("--mode", help="train: a LoRA fine-tune (the default); infer: generation "
+                                      "(weights + KV cache), as `lowres generate` runs it.")] = "train",
+    context: Annotated[int, typer.Option("--context", help="With --mode infer: tokens of prompt + answer.")] = 2048,
     json_output: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Predict peak memory and step time of a LoRA fine-tune on this machine or a saved profile, and list a
@@ -77,6 +80,10 @@ def advise(
 
     if not 0.0 <= headroom < 1.0:
         raise UsageError(f"--headroom must be in [0, 1), got {headroom}")
+    if mode not in ("train", "infer"):
+        raise UsageError(f"--mode must be train or infer, got {mode!r}")
+    if mode == "infer":
+        return _advise_infer(model, hardware, precision, quant, context, batch_size, headroom, json_output)
     overrides = {"seq_len": seq_len, "lora_rank": rank, "lora_targets": targets, "batch_size": batch_size,
                  "quant": quant, "compute": precision, "gradient_checkpointing": gradient_checkpointing,
                  "loss_chunk_tokens": loss_chunk_tokens}
@@ -116,6 +123,54 @@ def advise(
     for warning in est.warnings:
         console.print(f"[yellow]![/] {warning}", highlight=False)
     console.print(grid_table(grid, est))
+
+
+def _advise_infer(model: str, hardware: str | None, precision: str | None, quant: str | None, context: int,
+                  batch_size: int | None, headroom: float, json_output: bool) -> None:
+    """`advise --mode infer`: peak memory of generation by part, and whether it fits this machine."""
+    from lowres.advisor.estimate import memory_budget_bytes
+    from lowres.advisor.inference import estimate_inference
+    from lowres.errors import UsageError
+    from lowres.hardware import detect, load_profile
+    from lowres.models.spec import resolve_spec
+
+    if context < 1 or (batch_size is not None and batch_size < 1):
+        raise UsageError(f"--context and --batch-size must be at least 1, got {context} and {batch_size}")
+    spec = resolve_spec(model)
+    hw = load_profile(hardware) if hardware else detect(probe_bnb=False)
+    device = "cuda" if getattr(hw, "gpus", None) else "cpu"
+    # generation on a CPU runs fp32 by default (lowres.infer: bf16 decode is slower there)
+    compute = precision if precision not in (None, "auto") else ("fp32" if device == "cpu" else "bf16")
+    if compute not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    est = estimate_inference(spec, compute=compute, quant=quant or "none", context=context,
+                             batch=batch_size or 1, device=device)
+    budget = memory_budget_bytes(hw)
+    usable = None if budget is None else budget * (1 - headroom)
+    fits = None if usable is None else est.peak_bytes <= usable
+    if json_output:
+        doc = {"model": spec.name, "mode": "infer", "parameters": spec.param_count(),
+               "hardware": {"tier": hw.tier, "fingerprint": hw.fingerprint, "estimate_only": hw.is_estimate_only},
+               "estimate": {**est.to_dict(), "budget_bytes": usable, "fits": fits}}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    console = Console()
+    console.print(_header(spec, hw), highlight=False)
+    console.print(f"generation: {compute} weights, quant {est.quant}, context {context} tokens "
+                  f"(prompt {est.prompt_tokens}), batch {est.batch}", highlight=False)
+    t = Table(title="predicted peak memory while generating", title_justify="left")
+    t.add_column("part")
+    t.add_column("bytes", justify="right")
+    for part, value in est.breakdown.items():
+        t.add_row(part.replace("_", " "), _size(value))
+    t.add_row("[bold]peak[/]", f"[bold]{_size(est.peak_bytes)}[/]")
+    console.print(t)
+    verdict = "unknown" if fits is None else ("fits" if fits else "does NOT fit")
+    console.print(f"{verdict} in {_size(usable)} (memory budget less {headroom:.0%} headroom); check it with "
+                  f"`lowres generate --model {model} --prompt … --json` (measured peak beside this prediction)",
+                  highlight=False)
+    for line in est.unmodelled:
+        console.print(f"unmodelled: {line}", highlight=False)
 
 
 def _size(n: float | None) -> str:

@@ -99,16 +99,38 @@ def train(
         d = {k: v for k, v in result.__dict__.items() if k != "history"}  # profile: the profiler's summary
         sys.stdout.write(json.dumps(d, default=str, indent=2) + "\n")
     else:
-        _print_result(Console(), result)
+        print_result(Console(), result)
+        if result.profile:
+            from profiler.summary import Summary
+
+            # the profiler's view of the run (process tree, system, phases); also profile_summary.json
+            Console().print(Summary.from_dict(result.profile).table())
+        from lowres.tracking.spool import is_local_run_id
+
+        if result.run_id and not is_local_run_id(result.run_id):  # a spooled run has no page until `lowres sync`
+            try:
+                from lowres.tracking.runs import run_page
+
+                Console().print(f"MLflow: {run_page(result.run_id, cfg.tracking.mlflow_uri)}", highlight=False,
+                                soft_wrap=True)
+            except Exception:  # the server went away at the end: the run id above is enough
+                pass
     if result.stopped_by in ("SIGTERM", "SIGINT"):
         raise typer.Exit(143 if result.stopped_by == "SIGTERM" else 130)
 
 
-def _print_result(console: Console, r) -> None:
+def print_result(console: Console, r) -> None:
+    """The end of a run as `lowres train` (and `lowres tune --auto`) print it."""
     fmt = lambda x, f: "unknown" if x is None else format(x, f)  # noqa: E731
     console.print(f"[bold]step {r.step}[/] ({r.stopped_by}) · loss {fmt(r.loss, '.4f')}"
                   + (f" · eval loss {r.eval['loss']:.4f}, perplexity {r.eval['perplexity']:.2f}" if r.eval else ""),
                   highlight=False)
+    if r.eval and r.eval_base:
+        b, a = r.eval_base, r.eval
+        change = (a["loss"] - b["loss"]) / b["loss"] if b["loss"] else 0.0
+        console.print(f"held-out eval loss: base {b['loss']:.4f} → adapter {a['loss']:.4f} ({change:+.1%}); "
+                      f"perplexity {b['perplexity']:.2f} → {a['perplexity']:.2f} — same {a['tokens']} label "
+                      "tokens, not trained on", highlight=False)
     console.print(f"throughput {fmt(r.tokens_per_s, ',.0f')} tokens/s · step {fmt(r.step_seconds, '.3f')} s · "
                   f"peak RSS {r.peak_rss_bytes / GIB:.2f} GiB (means leave out the first warm-up steps)",
                   highlight=False)
@@ -124,17 +146,38 @@ train.context_settings = {"help_option_names": ["-h", "--help"]}
 
 
 def eval_cmd(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Output dir of a finished `lowres train` run.")],
+    run_dir: Annotated[Path | None, typer.Argument(metavar="[RUN_DIR]", help="Output dir of a finished `lowres "
+                                                   "train` run (its adapter); or give --model for a base model.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Evaluate this base model instead (preset, "
+                                              "hub id, local folder or .gguf); needs --data.")] = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Evaluate on all of this data instead of the run's eval split.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence with --model (default 256).")] = None,
     batches: Annotated[int | None, typer.Option("--batches", help="At most this many batches (default: all).")] = None,
     overrides: SetOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Loss and perplexity of a trained adapter on a dataset."""
-    from lowres.train.evaluation import find_run
-    from lowres.train.tools import evaluate_run
+    """Loss and perplexity of a trained adapter (RUN_DIR) or of a base model (--model) on a dataset.
 
-    result = evaluate_run(find_run(run_dir), data, batches, list(overrides or []))
+    The same data gives the same sequences either way, so `lowres eval --model M --data F` and
+    `lowres eval RUN_DIR --data F` compare the base with its fine-tune.
+    """
+    from lowres.errors import UsageError
+    from lowres.train.tools import evaluate_base, evaluate_run
+
+    if (run_dir is None) == (model is None):
+        raise UsageError("give either RUN_DIR (a trained adapter) or --model M (a base model), not "
+                         + ("both" if run_dir is not None else "neither"),
+                         hint="e.g. lowres eval runs/latest --json, or lowres eval --model SmolLM2-135M-Instruct "
+                         "--data my.jsonl --json")
+    if model is not None:
+        if not data:
+            raise UsageError("--model needs --data (a base model has no run with a held-out split)",
+                             hint="add --data FILE")
+        result = evaluate_base(model, data, batches, seq_len, list(overrides or []))
+    else:
+        from lowres.train.evaluation import find_run
+
+        result = evaluate_run(find_run(run_dir), data, batches, list(overrides or []))
     if json_output:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:

@@ -95,9 +95,10 @@ def tune(
     if not auto and not dry_run:
         console.print("not training: add --auto to train with the chosen setup at once", highlight=False)
     if auto and not dry_run:
+        from lowres.cli.train import print_result
         from lowres.train import run
 
-        run(result.config, console=console)
+        print_result(Console(), run(result.config, console=console))
 
 
 class ProbeDisplay:

