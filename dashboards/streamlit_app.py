@@ -1,7 +1,8 @@
 """The lowres dashboard: `lowres dash` runs it (or `streamlit run dashboards/streamlit_app.py`).
 
 This file only sets up the page, the data sources in the sidebar and the navigation; each page lives in
-pages/ and reads its data through queries.py.
+views/ (not pages/: Streamlit would also serve a pages/ folder by itself, so a bookmarked /compare
+opened that page without this navigation and the data-source sidebar) and reads its data through queries.py.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import streamlit as st
 st.set_page_config(page_title="lowres", layout="wide")
 
 PAGES = [
-    st.Page("pages/advisor.py", title="Advisor", default=True),
-    st.Page("pages/live.py", title="Live"),
-    st.Page("pages/compare.py", title="Compare"),
-    st.Page("pages/regressions.py", title="Regressions"),
-    st.Page("pages/federations.py", title="Federations"),
+    st.Page("views/advisor.py", title="Advisor", default=True),
+    st.Page("views/live.py", title="Live"),
+    st.Page("views/compare.py", title="Compare"),
+    st.Page("views/regressions.py", title="Regressions"),
+    st.Page("views/federations.py", title="Federations"),
 ]
 page = st.navigation(PAGES)
 

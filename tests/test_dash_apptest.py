@@ -32,7 +32,7 @@ def store_env(seeded, monkeypatch):
 def _page(name: str) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=90).run()
     assert not at.exception, [e.value for e in at.exception]
-    at.switch_page(f"pages/{name}.py").run()
+    at.switch_page(f"views/{name}.py").run()
     _ok(at, name)
     return at
 

@@ -138,10 +138,10 @@ def compare(
                                 ("machine", "left", 10), ("loss\neval", "right", None),
                                 ("tok/s", "right", None), ("MFU", "right", None), ("peak", "right", None)):
         table.add_column(col, justify=justify, overflow="fold", no_wrap=justify == "right", min_width=width,
-                         max_width=None if wide or not width else width + 2)
+                         max_width=None if wide or not width else width)
     for r in table_rows:
-        status = "" if r.status == "FINISHED" else f"\n{r.status.lower()}"
-        table.add_row(f"{r.run}\n[dim]{r.run_id[:12]}[/]", r.kind + status,
+        status = "" if r.status == "FINISHED" else f" [yellow]{r.status.lower()}[/]"
+        table.add_row(f"{r.run}\n[dim]{r.run_id[:12]}[/]{status}", r.kind,
                       " ".join(x for x in (r.model, r.precision, r.rank and f"r{r.rank}") if x) or "—",
                       "\n".join(x for x in (r.tier, r.fingerprint if wide else None) if x) or "—",
                       f"{_fmt(r.loss, '.3f')}\n{_fmt(r.eval_loss, '.3f')}", _fmt(r.tokens_per_s, ",.0f"),

@@ -85,6 +85,9 @@ def _check_free(port: int, port_in_use: type) -> None:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as Streamlit's server binds: connections of a dashboard just stopped (TIME_WAIT) do not block a
+        # restart; a server listening there still does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

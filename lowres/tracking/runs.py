@@ -171,6 +171,17 @@ def start_run(experiment: str = "lowres", *, run_name: str | None = None, run_id
     return RunHandle(run.info.run_id, exp_id, uri, resumed=False)
 
 
+def run_page(run_id: str, tracking_uri: str | None = None) -> str:
+    """Where to see a run in MLflow's UI, in its model-training view (MLflow 3 opens the GenAI view unless the
+    link asks, whatever the experiment's kind): the URL on a server, the `mlflow ui` command for a local store."""
+    uri = resolve_tracking_uri(tracking_uri)
+    exp = client(uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
+
+
 def end_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
     """Mark a run FINISHED (or FAILED / KILLED)."""
     client(tracking_uri).set_terminated(run_id, status=status)
