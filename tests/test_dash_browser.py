@@ -150,3 +150,36 @@ def test_dash_options_are_checked_before_starting_streamlit(tmp_path):
         assert f"port {port} on 127.0.0.1 is already in use" in str(result.exception)
     result = CliRunner().invoke(cli, ["--port", str(port), "--regression-threshold", "5"])  # a percent: not any more
     assert isinstance(result.exception, UsageError) and "fraction" in str(result.exception)
+
+
+def test_sigterm_to_lowres_dash_stops_streamlit_and_creates_no_store(tmp_path):
+    """`lowres dash` execs Streamlit: a service manager's SIGTERM to the pid it started stops the server (a child
+    process would have gone on serving); starting on a store that does not exist creates none (the pages reading
+    it without creating it: test_dash_apptest's empty-store test)."""
+    port = free_port()
+    store = tmp_path / "nothing-here.db"
+    env = {k: v for k, v in os.environ.items() if k not in ("LOWRES_PROMETHEUS_URL", "MLFLOW_TRACKING_URI")}
+    log = open(tmp_path / "dash.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "lowres.cli.app", "dash", "--port", str(port), "--tracking-uri",
+                             f"sqlite:///{store}"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"http://{LOOPBACK}:{port}"
+    try:
+        wait_until(lambda: proc.poll() is None and http_get(base + "/_stcore/health")[0] == 200, 90,
+                   f"streamlit on {base} (log: {tmp_path / 'dash.log'})")
+        assert http_get(base + "/compare")[0] == 200
+        proc.send_signal(signal.SIGTERM)  # the process we started, not its group
+        proc.wait(30)
+
+        def refused():
+            try:
+                http_get(base + "/_stcore/health", timeout=2)
+            except OSError:
+                return True
+            return False
+
+        wait_until(refused, 15, f"nothing serving on {base} after SIGTERM")
+        assert not store.exists() and not (tmp_path / "mlflow.db").exists()
+    finally:
+        _stop(proc)
+        log.close()
