@@ -161,6 +161,7 @@ def eval_cmd(
     The same data gives the same sequences either way, so `lowres eval --model M --data F` and
     `lowres eval RUN_DIR --data F` compare the base with its fine-tune.
     """
+    from lowres.cli.working import working
     from lowres.errors import UsageError
     from lowres.train.tools import evaluate_base, evaluate_run
 
@@ -173,11 +174,13 @@ def eval_cmd(
         if not data:
             raise UsageError("--model needs --data (a base model has no run with a held-out split)",
                              hint="add --data FILE")
-        result = evaluate_base(model, data, batches, seq_len, list(overrides or []))
+        with working(f"evaluating {model} on {data} (loading the model first) …"):
+            result = evaluate_base(model, data, batches, seq_len, list(overrides or []))
     else:
         from lowres.train.evaluation import find_run
 
-        result = evaluate_run(find_run(run_dir), data, batches, list(overrides or []))
+        with working(f"evaluating the adapter in {run_dir} (loading the model first) …"):
+            result = evaluate_run(find_run(run_dir), data, batches, list(overrides or []))
     if json_output:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
