@@ -248,11 +248,20 @@ class _FlashSDPA:
     def make():
         import torch
 
+        def seq_major(q) -> bool:
+            """The CPU kernels return the output in the memory layout of the query: (b, s, h, d) when q is a
+            transposed view of a projection (Llama's rotary keeps that layout), (b, h, s, d) when q was
+            rebuilt (a partial rotary's cat) — then transformers' transpose(1, 2).contiguous() copies it."""
+            return q.shape[1] > 1 and q.transpose(1, 2).is_contiguous()
+
         class Fn(torch.autograd.Function):
             @staticmethod
-            def forward(ctx, q, k, v, mask):
+            def forward(ctx, q, k, v, mask, kw):
                 b, h, s, _ = q.shape
-                out = torch.empty(b, s, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+                if seq_major(q):
+                    out = torch.empty(b, s, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+                else:
+                    out = torch.empty(b, h, s, v.shape[-1], dtype=q.dtype, device=q.device)
                 lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
                 ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
                 return out
@@ -262,7 +271,8 @@ class _FlashSDPA:
                 raise RuntimeError("trace only")
 
         def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kw):
-            return Fn.apply(q, k, v, attn_mask)
+            opts = {"is_causal": bool(is_causal and attn_mask is None), **({"enable_gqa": True} if enable_gqa else {})}
+            return Fn.apply(q, k, v, attn_mask, opts)
 
         return sdpa
 
@@ -286,9 +296,9 @@ def _trace_patches():
 
 
 @lru_cache(maxsize=256)
-def _saved_bytes(key: str, layers: int, compute: str, rank: int, targets: str, seq_len: int) -> float:
-    """Bytes autograd saves (parameters and buffers excluded, each storage once) in one forward of the
-    ``layers``-layer decoder with LoRA over a frozen base, batch 1 × ``seq_len``, on the meta device."""
+def _saved_bytes(key: str, layers: int, compute: str, rank: int, targets: str, seq_len: int) -> tuple[float, int]:
+    """(bytes autograd saves — parameters and buffers excluded, each storage once —, autograd nodes) in one
+    forward of the ``layers``-layer decoder with LoRA over a frozen base, batch 1 × ``seq_len``, meta device."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -315,8 +325,20 @@ def _saved_bytes(key: str, layers: int, compute: str, rank: int, targets: str, s
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     decoder = model.get_base_model().get_decoder()
     with _trace_patches(), _quiet(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        decoder(input_ids=ids)
-    return float(sum(seen.values()))
+        out = decoder(input_ids=ids).last_hidden_state
+    return float(sum(seen.values())), _count_nodes(out.grad_fn)
+
+
+def _count_nodes(fn: Any) -> int:
+    """Autograd nodes reachable from ``fn``: the ops backward runs (each had a forward op too)."""
+    seen, stack = set(), [fn]
+    while stack:
+        f = stack.pop()
+        if f is None or id(f) in seen:
+            continue
+        seen.add(id(f))
+        stack.extend(nxt for nxt, _ in getattr(f, "next_functions", ()))
+    return len(seen)
 
 
 def activation_trace(spec: Any, compute: str, rank: int, targets: Any, seq_len: int) -> tuple[float, float]:
@@ -327,7 +349,19 @@ def activation_trace(spec: Any, compute: str, rank: int, targets: Any, seq_len: 
     key = _key(spec)
     names = peft_targets(targets)
     tkey = json.dumps(names)
-    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len)
+    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len)[0]
     arch = _arch(key)
-    two = _saved_bytes(key, 2, compute, rank, tkey, seq_len) if arch.num_layers > 1 else 2 * one
+    two = _saved_bytes(key, 2, compute, rank, tkey, seq_len)[0] if arch.num_layers > 1 else 2 * one
     return one / seq_len, max(0.0, two - one) / seq_len
+
+
+def graph_ops(spec: Any, compute: str, rank: int, targets: Any, seq_len: int) -> int:
+    """Autograd nodes of one forward of the whole decoder (first layer + (L - 1) more), from the same trace:
+    the number of ops whose fixed dispatch cost a step pays twice (forward and backward), whatever the
+    tensor sizes."""
+    key = _key(spec)
+    tkey = json.dumps(peft_targets(targets))
+    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len)[1]
+    arch = _arch(key)
+    two = _saved_bytes(key, 2, compute, rank, tkey, seq_len)[1] if arch.num_layers > 1 else 2 * one
+    return one + (arch.num_layers - 1) * max(0, two - one)

@@ -49,6 +49,17 @@ class ProbePoint:
     measured_step_s: float | None
     fits: bool | None
     measured_at: float = 0.0
+    cpu_share: float | None = None   # CPU time / (wall × threads) of its steps (lowres.advisor.probe)
+    load: dict | None = None         # machine_load() when it ran
+
+
+# A probe whose steps got less than this share of their cores' time (CPU time / wall × threads) ran on a
+# busy machine, or waited: its step time is not used for calibration. A healthy probe on the 2-core
+# development machine measured 0.7-1.0 (tiny models, whose small ops leave a core idle, sit lowest).
+MIN_CPU_SHARE = 0.4
+# A time calibration that puts steps more than this factor away from the machine model (either way) is
+# absurd — a cache filled while the machine was busy gave 52,441 s per step for `tiny` — and is rejected.
+MAX_TIME_FACTOR = 10.0
 
 
 def cache_dir() -> Path:
@@ -129,6 +140,16 @@ def fit_calibration(points: list[ProbePoint]) -> Calibration:
         ratios = [p.measured_peak_bytes / p.predicted_peak_bytes for p in ran]
         cal["memory_factor"] = statistics.median(ratios)
     timed = [p for p in ran if p.measured_step_s and p.predicted_step_s]
+    busy = [p for p in timed if p.cpu_share is not None and p.cpu_share < MIN_CPU_SHARE]
+    timed = [p for p in timed if p not in busy]
+    if busy:
+        cal["source"] += (f"; {len(busy)} probe time(s) left out: taken while the machine was busy (CPU share "
+                          f"{min(p.cpu_share for p in busy):.2f} < {MIN_CPU_SHARE})")
+    absurd = [p for p in timed if not 1 / MAX_TIME_FACTOR <= p.measured_step_s / p.predicted_step_s <= MAX_TIME_FACTOR]
+    timed = [p for p in timed if p not in absurd]
+    if absurd:
+        cal["source"] += (f"; {len(absurd)} probe time(s) left out: more than {MAX_TIME_FACTOR:.0f}x from the "
+                          "machine model")
     if timed:
         by_quant: dict[str, list[ProbePoint]] = {}
         for p in timed:
@@ -144,12 +165,17 @@ def fit_calibration(points: list[ProbePoint]) -> Calibration:
         # an intercept from two nearly equal predictions is noise: demand a 1.5x spread
         fitted = _line_fit(xs, [p.measured_step_s for p in main]) if max(xs) >= 1.5 * min(xs) else None
         overhead = fitted[0] if fitted and fitted[0] >= 0 and fitted[1] > 0 else 0.0
+        if overhead > (MAX_TIME_FACTOR - 1) * min(xs):  # an intercept that dwarfs the model: noise, not overhead
+            overhead = 0.0
 
         def factor(ps: list[ProbePoint]) -> float:
             return statistics.median([(p.measured_step_s - overhead) / p.predicted_step_s for p in ps])
 
         factors = {q: f for q, ps in by_quant.items() if (f := factor(ps)) > 0}
         per_compute = {c: f for c, ps in by_compute.items() if (f := factor(ps)) > 0} if "none" in by_quant else {}
+        if factors and any(not 1 / MAX_TIME_FACTOR <= f <= MAX_TIME_FACTOR for f in factors.values()):
+            cal["source"] += "; time calibration rejected: its factors are more than 10x from the machine model"
+            factors = {}
         if factors:
             main_compute = main[0].candidate.get("compute", "?")
             cal["time_factor"] = per_compute.get(main_compute) or factors.get("none") or statistics.median(
@@ -165,20 +191,99 @@ def load_calibration(fingerprint: str, model: str) -> Calibration:
     return fit_calibration(load_points(fingerprint, model))
 
 
-def measure_bandwidth(size_bytes: int = 256 * 1024**2, repeats: int = 5) -> float:
-    """Copy bandwidth, bytes/s: best of ``repeats`` copies of a ``size_bytes`` buffer, counted as read +
-    write (2·size per copy), the STREAM "copy" convention (McCalpin 1995)."""
+def machine_load() -> dict[str, float]:
+    """How busy the machine is right now: the 1-minute load average per usable CPU (os.getloadavg; above
+    ~1 the run shares its cores with others) — recorded beside every measurement and probe point."""
+    from lowres.hardware import usable_cpus
+
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:  # no load average on this platform: unknown, not zero
+        return {}
+    return {"load1": round(load1, 2), "cpus": usable_cpus(), "load_per_cpu": round(load1 / max(1, usable_cpus()), 2)}
+
+
+def _best_within(fn: Any, budget_s: float) -> float:
+    """Best time of ``fn`` over as many runs as fit in ``budget_s`` (at least one after a warm-up run): a
+    measurement bounded by seconds, not by a repeat count, so a slow machine answers as fast as a quick one."""
+    fn()  # warm-up: first touch, packing buffers, kernel selection
+    deadline = time.perf_counter() + budget_s
+    best = float("inf")
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() >= deadline:
+            return best
+
+
+def measure_bandwidth(size_bytes: int = 256 * 1024**2, repeats: int = 5, budget_s: float = 1.0) -> float:
+    """Copy bandwidth, bytes/s: best copy of a ``size_bytes`` buffer within ``budget_s`` seconds, counted as
+    read + write (2·size per copy), the STREAM "copy" convention (McCalpin 1995). (``repeats`` is kept for
+    callers; the time budget bounds it.)"""
     import torch
 
     src = torch.empty(size_bytes // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch: page faults are not bandwidth
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size_bytes / best
+    return 2 * size_bytes / _best_within(lambda: dst.copy_(src), budget_s)
+
+
+def measure_elementwise(dtype: str = "fp32", size_bytes: int = 64 * 1024**2, budget_s: float = 1.0) -> float:
+    """Element-wise bandwidth, bytes/s: ``c = a * b`` on ``size_bytes`` tensors (read 2, write 1 — the
+    traffic of the norms, activations, residual adds and casts a step does between its GEMMs), at the
+    threads training uses. STREAM's "add" convention (McCalpin 1995), in ``dtype``."""
+    import torch
+
+    from lowres.train.mfu import DTYPES
+
+    n = size_bytes // torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    a = torch.ones(n, dtype=DTYPES[dtype])
+    b = torch.ones(n, dtype=DTYPES[dtype])
+    c = torch.empty_like(a)
+    return 3 * size_bytes / _best_within(lambda: torch.mul(a, b, out=c), budget_s)
+
+
+def measure_op_seconds(budget_s: float = 1.0, chain: int = 200) -> float:
+    """Fixed cost of one autograd op, seconds: forward + backward of a chain of ``chain`` tiny ops (8
+    elements: no arithmetic to speak of), per op — the dispatch, autograd bookkeeping and allocation every
+    op of a training step pays whatever its size (Python and the framework; what makes small models slow)."""
+    import torch
+
+    x = torch.ones(8, requires_grad=True)
+
+    def run():
+        y = x
+        for _ in range(chain // 2):
+            y = (y * 1.0001) + 0.5
+        y.sum().backward()
+
+    return _best_within(run, budget_s) / chain
+
+
+def measure_attention_flops(heads: int, kv_heads: int, head_dim: int, seq_len: int, dtype: str,
+                            budget_s: float = 1.5) -> float | None:
+    """FLOP/s of causal SDPA forward + backward at the run's length, one sequence, in the units of
+    lowres.advisor.compute (12·s²·heads·d per sequence and layer: 4 forward, 8 backward, no causal halving).
+    Long sequences are timed at a shorter length that fits the budget (attention's rate changes little)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lowres.train.mfu import DTYPES
+
+    dt = DTYPES[dtype]
+    s = max(16, min(seq_len, 4096))
+    q = torch.randn(1, heads, s, head_dim, dtype=dt, requires_grad=True)
+    k = torch.randn(1, kv_heads, s, head_dim, dtype=dt, requires_grad=True)
+    v = torch.randn(1, kv_heads, s, head_dim, dtype=dt, requires_grad=True)
+    gqa = {"enable_gqa": True} if heads != kv_heads else {}
+
+    def run():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa).float().sum().backward()
+
+    try:
+        return 12.0 * s * s * heads * head_dim / _best_within(run, budget_s)
+    except (RuntimeError, TypeError):  # an SDPA without enable_gqa (old torch): leave it to the FLOP model
+        return None
 
 
 def measure_dequant_rate(quant: str, in_features: int, out_features: int, compute: str = "bf16",
@@ -213,8 +318,8 @@ def measure_dequant_rate(quant: str, in_features: int, out_features: int, comput
         lin = lin.to("cpu")
         x = torch.randn(tokens, in_features, dtype=dt, requires_grad=True)
         wd = w.to(dt)
-        quantized = _best(lambda: lin(x).float().sum().backward(), repeats)
-        plain = _best(lambda: (x @ wd.T).float().sum().backward(), repeats)
+        quantized = _best_within(lambda: lin(x).float().sum().backward(), 1.0)
+        plain = _best_within(lambda: (x @ wd.T).float().sum().backward(), 0.5)
         n_bytes = quantized_linear_bytes(in_features, out_features, quant, DTYPE_BYTES[compute]) + \
             2 * in_features * out_features * DTYPE_BYTES[compute]
         if quantized <= plain * 1.05:
@@ -246,35 +351,116 @@ class MachineRoofline:
     source: str = "measured"
     note: str = ""
     fp16_flops: float | None = None
+    # the machine model of the non-matmul work (lowres.advisor.compute.machine_step_seconds)
+    elementwise_bytes_s: dict[str, float] | None = None   # per dtype
+    op_seconds: float | None = None                       # fixed cost of one autograd op, forward + backward
+    attention_flops_s: dict[str, float] | None = None     # causal SDPA fwd+bwd at the run's length, per dtype
+    load: dict[str, float] | None = None                  # machine load while measuring (machine_load)
 
 
-def machine_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: int | None = None) -> MachineRoofline:
-    """This machine's roofline for ``spec``: fp32 and bf16 peak FLOP/s on the model's own GEMM shapes
-    (lowres.train.mfu.roofline, cached per machine), copy bandwidth and dequantisation rates (cached here,
-    per machine; the rates on the model's largest projection). ``threads``: what training uses."""
+# A measurement taken while other programs used more than this share of the CPUs is not kept: it would
+# describe a busy machine, not this one (a roofline measured at load 2 on 2 cores read half the real peak).
+BUSY_LOAD_PER_CPU = 1.5
+
+
+def usable_dtypes(hw: Any) -> tuple[str, ...]:
+    """The compute dtypes training may use on ``hw``: fp32, and bf16 only where it is native (an emulated
+    bf16 is never chosen, so it is never measured: its GEMMs ran at ~2 GFLOP/s on an AVX2-only CPU)."""
+    from lowres.advisor.estimate import slow_precision
+
+    return ("fp32",) if hw is not None and slow_precision(hw, "bf16") else ("fp32", "bf16")
+
+
+def machine_model(fingerprint: str, spec: Any, seq_len: int, dtypes: tuple[str, ...], *,
+                  measure: bool = True) -> dict[str, Any]:
+    """Element-wise bandwidth and attention rate per dtype, and the per-op cost, for the machine model of
+    step time: from the cache (``<fingerprint>|machine``), measured (each within a second or two) for what is
+    missing when ``measure``. A figure measured on a busy machine (load per CPU above ``BUSY_LOAD_PER_CPU``)
+    is used for this run but not cached, and the load is kept beside every cached figure."""
+    data = _read()
+    key = f"{fingerprint}|machine"
+    entry = data.get(key) or {}
+    s_key = f"attention|{spec.num_heads}x{spec.num_kv_heads}x{spec.head_dim}|s{_length_bucket(seq_len)}"
+    wanted = [f"elementwise|{dt}" for dt in dtypes] + ["op_seconds"] + [f"{s_key}|{dt}" for dt in dtypes]
+    missing = [k for k in wanted if k not in entry]
+    fresh: dict[str, Any] = {}
+    if missing and measure:
+        import torch
+
+        from lowres.hardware import usable_cpus
+
+        torch.set_num_threads(usable_cpus())
+        before = machine_load()
+        for k in missing:
+            kind, *rest = k.split("|")
+            if kind == "elementwise":
+                value = measure_elementwise(rest[0])
+            elif kind == "op_seconds":
+                value = measure_op_seconds()
+            else:
+                value = measure_attention_flops(spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                                                _length_bucket(seq_len), rest[-1])
+            fresh[k] = {"value": value, "measured_at": time.time(), **machine_load()}
+        busy = max(before.get("load_per_cpu", 0.0), *(v.get("load_per_cpu", 0.0) for v in fresh.values()))
+        if busy <= BUSY_LOAD_PER_CPU:
+            data = _read()
+            data.setdefault(key, {}).update(fresh)
+            _write(data)
+    merged = {**entry, **fresh}
+    return {
+        "elementwise_bytes_s": {dt: merged[f"elementwise|{dt}"]["value"] for dt in dtypes
+                                if f"elementwise|{dt}" in merged} or None,
+        "op_seconds": (merged.get("op_seconds") or {}).get("value"),
+        "attention_flops_s": {dt: merged[f"{s_key}|{dt}"]["value"] for dt in dtypes
+                              if (merged.get(f"{s_key}|{dt}") or {}).get("value")} or None,
+    }
+
+
+def _length_bucket(seq_len: int) -> int:
+    """Attention is measured at a power of two near the run's length (64 ... 4096), so nearby lengths share it."""
+    s = 64
+    while s < min(seq_len, 4096):
+        s *= 2
+    return s
+
+
+def machine_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: int | None = None, *,
+                     hw: Any = None, seq_len: int = 256, quant: bool = True) -> MachineRoofline:
+    """This machine's roofline for ``spec``: peak FLOP/s on the model's own GEMM shapes for each dtype
+    training may use here (``usable_dtypes(hw)``: never an emulated bf16) (lowres.train.mfu.roofline, cached
+    per machine), copy bandwidth, the machine model of the non-matmul work (``machine_model``) and
+    dequantisation rates (cached here, per machine; on the model's largest projection; ``quant`` False skips
+    them). Every measurement is bounded by seconds; ``threads``: what training uses."""
     import torch
 
+    from lowres.advisor.estimate import resolve_compute
     from lowres.advisor.memory import linear_shapes
     from lowres.hardware import usable_cpus
     from lowres.train.mfu import roofline
 
     torch.set_num_threads(threads or usable_cpus())
-    flops = {dt: roofline(spec, dt, tokens, fingerprint=fingerprint).flops_per_s for dt in ("fp32", "bf16")}
+    dtypes = usable_dtypes(hw)
+    load = machine_load()
+    flops = {dt: roofline(spec, dt, tokens, fingerprint=fingerprint).flops_per_s for dt in dtypes}
     data = _read()
     key = f"{fingerprint}|bandwidth"
     if key not in data:
-        data[key] = {"bytes_per_s": measure_bandwidth(), "measured_at": time.time()}
+        data[key] = {"bytes_per_s": measure_bandwidth(), "measured_at": time.time(), **machine_load()}
         _write(data)
     in_f, out_f = max(linear_shapes(spec).values(), key=lambda s: s[0] * s[1])
-    dq_key = f"{fingerprint}|dequant2|{in_f}x{out_f}"
-    if dq_key not in data:
+    dq_compute = resolve_compute(hw, "auto") if hw is not None else "bf16"
+    dq_key = f"{fingerprint}|dequant2|{in_f}x{out_f}" + ("" if dq_compute == "bf16" else f"|{dq_compute}")
+    if quant and dq_key not in data:
+        rates = {q: measure_dequant_rate(q, in_f, out_f, compute=dq_compute) for q in ("nf4", "int8")}
         data = _read()
-        data[dq_key] = {q: measure_dequant_rate(q, in_f, out_f) for q in ("nf4", "int8")}
+        data[dq_key] = rates
         _write(data)
-    return MachineRoofline(fp32_flops=flops["fp32"], bf16_flops=flops["bf16"],
+    mm = machine_model(fingerprint, spec, seq_len, dtypes)
+    return MachineRoofline(fp32_flops=flops["fp32"], bf16_flops=flops.get("bf16"),
                            mem_bandwidth_bytes_s=data[key]["bytes_per_s"],
-                           dequant_bytes_s={q: r for q, r in data[dq_key].items() if r},
-                           note=f"GEMMs of {spec.name}'s shapes at {tokens} tokens, {torch.get_num_threads()} threads")
+                           dequant_bytes_s={q: r for q, r in (data.get(dq_key) or {}).items() if r}, load=load,
+                           note=f"GEMMs of {spec.name}'s shapes at {tokens} tokens, {torch.get_num_threads()} threads"
+                                f" ({', '.join(dtypes)})", **mm)
 
 
 def cached_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: int | None = None,
@@ -295,9 +481,12 @@ def cached_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: int
         return None
     data = _read()
     in_f, out_f = max(linear_shapes(spec).values(), key=lambda s: s[0] * s[1])
-    rates = data.get(f"{fingerprint}|dequant2|{in_f}x{out_f}") or {}
+    rates = data.get(f"{fingerprint}|dequant2|{in_f}x{out_f}") or data.get(
+        f"{fingerprint}|dequant2|{in_f}x{out_f}|fp32") or {}
+    mm = machine_model(fingerprint, spec, tokens, tuple(dt for dt in ("fp32", "bf16") if flops.get(dt)),
+                       measure=False)
     return MachineRoofline(fp32_flops=flops["fp32"], bf16_flops=flops["bf16"],
                            mem_bandwidth_bytes_s=(data.get(f"{fingerprint}|bandwidth") or {}).get("bytes_per_s"),
                            dequant_bytes_s={q: r for q, r in rates.items() if r}, source="cache",
                            note=f"measured here earlier: GEMMs of {spec.name}'s shapes at {tokens} tokens, "
-                                f"{threads} threads")
+                                f"{threads} threads", **mm)

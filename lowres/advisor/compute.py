@@ -87,3 +87,63 @@ def step_seconds(flops: float, dequant_bytes: float, roofline: Any, compute: str
             return None
         seconds += dequant_bytes / bandwidth
     return seconds
+
+
+# The machine model of an uncalibrated CPU step (``machine_step_seconds``). Element-wise traffic per byte a
+# step saves for backward: written once in the forward, read once in backward, its gradient written and read
+# once — four passes — plus the forward's reads of the same tensors (norm, activation and residual inputs):
+# ~6 passes in all (an assumption; probes calibrate it). The chunked loss passes over each chunk's fp32
+# logits about 6 times too (matmul out, max, exp, sum, in-place gradient, cast for the input-gradient matmul).
+ELEMENTWISE_PASSES = 6.0
+LOGITS_PASSES = 6.0
+# An uncalibrated estimate's band: the machine model's step time on this development CPU fell within
+# 0.5-2x of measurement (bench/advisor_accuracy.py, cold column); a calibrated one is far closer.
+COLD_BAND = (0.5, 2.0)
+
+
+def attention_flops_per_token(spec: Any, seq_len: int, gradient_checkpointing: bool) -> float:
+    """The attention part of ``lora_flops_per_token``: 12·L·s·heads·d (4 forward, 8 backward) + 4·L·s·heads·d
+    more for a checkpointed recompute."""
+    attn = 4 * spec.num_layers * seq_len * spec.num_heads * spec.head_dim
+    return float(3 * attn + (attn if gradient_checkpointing else 0))
+
+
+def machine_step_seconds(spec: Any, compute: str, tokens: int, seq_len: int, flops: float, activation_bytes: float,
+                         logits_elements: float, n_ops: int, lora_tensors: int, dequant_bytes: float,
+                         roofline: Any, quant: str = "none") -> tuple[float, dict[str, float]] | None:
+    """Seconds of one uncalibrated CPU micro-batch step from a measured machine model, and its parts:
+
+    * gemm — the matmul FLOPs (all but attention) at the peak FLOP/s measured on this model's GEMM shapes;
+    * attention — 12·L·s·heads·d FLOPs per token at the rate causal SDPA forward + backward reached here at
+      the run's length (``measure_attention_flops``), else at the GEMM peak;
+    * elementwise — ``ELEMENTWISE_PASSES`` × the bytes the step saves for backward (the norms, activations,
+      casts, residuals between GEMMs) plus ``LOGITS_PASSES`` × the logits' fp32 bytes, at the measured
+      element-wise bandwidth;
+    * ops — the autograd ops of the step (forward + backward of every op traced on the meta device, and the
+      optimizer's ~8 per LoRA tensor) at the measured fixed cost per op;
+    * dequant — as in ``step_seconds``.
+
+    None when the roofline lacks the peak, the element-wise bandwidth or the per-op cost (a saved profile):
+    the caller falls back to ``step_seconds``.
+    """
+    peak = peak_flops(roofline, compute)
+    elem = (getattr(roofline, "elementwise_bytes_s", None) or {}).get(compute) or (
+        getattr(roofline, "elementwise_bytes_s", None) or {}).get("fp32")
+    op_s = getattr(roofline, "op_seconds", None)
+    if not (peak and elem and op_s):
+        return None
+    attn_flops = tokens * attention_flops_per_token(spec, seq_len, False)
+    attn_rate = (getattr(roofline, "attention_flops_s", None) or {}).get(compute) or peak
+    parts = {
+        "gemm": max(0.0, flops - attn_flops) / peak,
+        "attention": attn_flops / attn_rate,
+        "elementwise": (ELEMENTWISE_PASSES * activation_bytes + LOGITS_PASSES * 4 * logits_elements) / elem,
+        "ops": (n_ops + 8 * lora_tensors) * op_s,
+    }
+    if dequant_bytes:
+        rate = (getattr(roofline, "dequant_bytes_s", None) or {}).get(quant)
+        bandwidth = rate or getattr(roofline, "mem_bandwidth_bytes_s", None)
+        if not bandwidth:
+            return None
+        parts["dequant"] = dequant_bytes / bandwidth
+    return sum(parts.values()), parts

@@ -99,6 +99,8 @@ class Estimate:
     slow_precision: bool = False  # the compute dtype is emulated on this hardware (e.g. bf16 on AVX2)
     transient_bytes: float = 0.0  # the live tensors the allocator factor applies to (not weights, states)
     allocator_factor: float = 1.0   # the factor applied to them (prior × calibration)
+    step_time_band_s: tuple[float, float] | None = None  # an uncalibrated guess's band (compute.COLD_BAND)
+    step_time_parts: dict[str, float] | None = None      # the machine model's parts, uncalibrated seconds
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -116,6 +118,8 @@ class Estimate:
             "tokens_per_s": self.tokens_per_s, "roofline_source": self.roofline_source,
             "estimate_only": self.estimate_only, "calibration": vars(self.calibration),
             "warnings": list(self.warnings), "slow_precision": self.slow_precision,
+            "step_time_band_s": None if self.step_time_band_s is None else list(self.step_time_band_s),
+            "step_time_parts_s": self.step_time_parts,
         }
 
 
@@ -230,8 +234,24 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     flops = tokens * C.lora_flops_per_token(spec, cand.seq_len, lora_n, cand.gradient_checkpointing)
     rl = roofline if roofline is not None else getattr(hw, "roofline", None)
     dq = C.dequant_bytes_per_step(spec, e, cand.quant, cand.double_quant, cand.gradient_checkpointing)
-    seconds = C.step_seconds(flops, dq, rl, compute, cand.quant, device)
+    seconds, parts = None, None
+    arch = M.model_arch(spec)
+    if device == "cpu" and rl is not None and arch is not None and getattr(rl, "op_seconds", None):
+        from lowres.advisor.arch import graph_ops, targeted
+
+        n_ops = 2 * graph_ops(spec, compute, cand.lora_rank, cand.lora_targets, cand.seq_len)
+        lora_tensors = 2 * sum(len(layer) for layer in targeted(arch, cand.lora_targets))
+        act = memory["activations"] * (1.5 if cand.gradient_checkpointing else 1.0)
+        machine = C.machine_step_seconds(spec, compute, tokens, cand.seq_len, flops, act,
+                                         float(tokens) * spec.vocab_size, n_ops, lora_tensors, dq, rl, cand.quant)
+        if machine is not None:
+            seconds, parts = machine
+    if seconds is None:
+        seconds = C.step_seconds(flops, dq, rl, compute, cand.quant, device)
     step = None if seconds is None else seconds * cal.time_factor_for(cand.quant, compute) + cal.step_overhead_s
+    band = None
+    if step is not None and not cal.time_factor_by_quant and cal.time_factor == 1.0 and not cal.step_overhead_s:
+        band = (step * C.COLD_BAND[0], step * C.COLD_BAND[1])  # uncalibrated: the machine model's band
 
     warnings = _warnings(hw, cand, compute, memory, peak)
     arch = M.model_arch(spec)
@@ -241,15 +261,18 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
         warnings += target_notes(arch, cand.lora_targets) + [f"unmodelled: {n}" for n in arch.notes]
     if step is None:
         need = f"{compute} FLOP/s" + (" and memory bandwidth" if dq else "")
-        warnings.append(f"step time unknown: no roofline with {need} for this machine (a measured roofline "
-                        "or a profile that lists one gives it)")
+        name = getattr(spec, "name", "MODEL")
+        warnings.append(f"step time unknown: no roofline with {need} for this machine — `lowres tune --auto "
+                        f"--dry-run --model {name}` measures it (seconds, then probes), or give a profile "
+                        "that lists one (--hardware)")
     return Estimate(candidate=cand, device=device, memory=memory, peak_bytes=peak, live_tensor_bytes=live,
                     transient_bytes=transient, allocator_factor=allocator,
                     budget_bytes=budget, fits=fits, headroom=headroom, flops_per_step=flops,
                     tokens_per_step=tokens, step_time_s=step,
                     roofline_source=getattr(rl, "source", None) if rl is not None else None,
                     estimate_only=bool(getattr(hw, "is_estimate_only", False)), calibration=cal,
-                    warnings=warnings, slow_precision=slow_precision(hw, compute))
+                    warnings=warnings, slow_precision=slow_precision(hw, compute), step_time_band_s=band,
+                    step_time_parts=parts)
 
 
 def largest_fitting_batch(spec: Any, hw: Any, candidate: Candidate, *, max_batch: int = 4096,

@@ -50,6 +50,10 @@ class ProbeResult:
     cap_bytes: int | None = None
     wall_s: float = 0.0
     reason: str = ""
+    # CPU time the training steps got over wall time × threads: ~1 when the probe had its cores, far less
+    # when others took them (or the steps waited on something): such a probe's times describe a busy machine
+    cpu_share: float | None = None
+    load: dict = field(default_factory=dict)  # lowres.advisor.calibrate.machine_load() after the steps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +94,12 @@ def run_child(request: dict[str, Any]) -> dict[str, Any]:
         recipe = Recipe(cfg, progress=False)
         try:
             recipe.setup()
+            import torch
+
+            cpu0, wall0 = time.process_time(), time.perf_counter()
             res = recipe.train(steps=int(request.get("steps", 4)))
+            cpu_share = (time.process_time() - cpu0) / max(1e-9, (time.perf_counter() - wall0)
+                                                           * torch.get_num_threads())
         finally:
             recipe.cleanup()
     except BaseException as exc:  # noqa: BLE001 — every failure must come back as a result, not a traceback
@@ -104,9 +113,12 @@ def run_child(request: dict[str, Any]) -> dict[str, Any]:
     timed = times[warmup:] or times
     tokens = [r["tokens"] for r in res.history][warmup:] or [r["tokens"] for r in res.history]
     step = statistics.median(timed)
+    from lowres.advisor.calibrate import machine_load
+
     return {"fits": True, "peak_rss_bytes": _vm_hwm_bytes(), "step_s": step,
             "tokens_per_s": statistics.median(tokens) / step, "step_times": times, "cap_bytes": cap,
-            "wall_s": time.perf_counter() - t0, "reason": "ran"}
+            "wall_s": time.perf_counter() - t0, "reason": "ran", "cpu_share": round(min(1.5, cpu_share), 3),
+            "load": machine_load()}
 
 
 def default_cap_bytes(budget_bytes: float | None = None) -> int:

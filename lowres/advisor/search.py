@@ -181,7 +181,8 @@ class Searcher:
             predicted_peak_bytes=u.peak_bytes, predicted_step_s=u.step_time_s,
             measured_peak_bytes=trial.probe.peak_rss_bytes if ran else None,
             # the estimate is per micro-batch; a probe's step is one optimizer step of grad_accum micro-batches
-            measured_step_s=trial.probe.step_s / trial.grad_accum if ran else None, fits=ran or trial.probe.fits))
+            measured_step_s=trial.probe.step_s / trial.grad_accum if ran else None, fits=ran or trial.probe.fits,
+            cpu_share=trial.probe.cpu_share, load=trial.probe.load or None))
         self.calibration = self.refit()
         self.on_trial("done", trial)
         return trial

@@ -89,9 +89,11 @@ def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = N
     # A hopeless request is refused from the memory estimate alone, before measuring anything.
     refuse_if_nothing_fits(Searcher(spec, _with_budget(hw, budget), cfg, headroom=headroom, budget_bytes=budget,
                                     calibration=calibration, record=False))
-    roofline = machine_roofline(spec, hw.fingerprint)
+    # only the dtypes this machine will train in are measured, each within seconds (never an emulated bf16)
+    roofline = machine_roofline(spec, hw.fingerprint, hw=hw, seq_len=cfg.data.max_length)
+    bf16 = f"{roofline.bf16_flops / 1e9:.0f} GFLOP/s" if roofline.bf16_flops else "not measured (emulated here)"
     reasons = [f"machine {hw.tier} ({hw.fingerprint}): budget {budget / GIB:.2f} GiB, {headroom:.0%} kept free; "
-               f"roofline fp32 {roofline.fp32_flops / 1e9:.0f} / bf16 {roofline.bf16_flops / 1e9:.0f} GFLOP/s; "
+               f"roofline fp32 {roofline.fp32_flops / 1e9:.0f} GFLOP/s, bf16 {bf16}; "
                f"calibration: {calibration.source}"]
     if rank is None and round_bytes:
         rank, why = advice.federated_rank(spec, round_bytes, _targets_name(cfg))

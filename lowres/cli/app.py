@@ -80,6 +80,11 @@ from lowres.cli.anomaly import anomaly_app  # noqa: E402
 
 app.add_typer(anomaly_app, name="anomaly")
 
+# `lowres cache show|clear`: the advisor's per-machine caches
+from lowres.cli.cache import cache_app  # noqa: E402
+
+app.add_typer(cache_app, name="cache")
+
 err_console = Console(stderr=True)
 
 

@@ -60,7 +60,9 @@ def measure_gemm_flops(shapes: list[tuple[int, int, int]], dtype: str, device: s
     """Best FLOP/s over ``shapes`` (2·M·K·N per GEMM), each run warm then timed for a share of ``budget_s``.
 
     The best of several repeats, not the mean: on a shared machine the fastest run is the one least
-    disturbed, and a peak is what a roofline is.
+    disturbed, and a peak is what a roofline is. Bounded by time, not by a repeat count: each shape is first
+    timed on a slice of at most 64 rows, and M is cut so one run takes at most a third of the shape's share
+    of ``budget_s`` (a 152k-vocabulary head in an emulated dtype would otherwise take minutes per run).
     """
     dt = DTYPES[dtype]
     best = 0.0
@@ -69,20 +71,25 @@ def measure_gemm_flops(shapes: list[tuple[int, int, int]], dtype: str, device: s
     for m, k, n in shapes:
         a = torch.randn(m, k, generator=g).to(device=device, dtype=dt)
         b = torch.randn(k, n, generator=g).to(device=device, dtype=dt)
-        torch.matmul(a, b)  # warm-up: packing buffers, thread pool, kernel selection
+        small = a[: min(m, 64)]
+        torch.matmul(small, b)  # warm-up: packing buffers, thread pool, kernel selection
         _sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(small, b)
+        _sync(device)
+        per_row = (time.perf_counter() - t0) / small.shape[0]
+        rows = max(small.shape[0], min(m, int(per_shape / 3 / max(per_row, 1e-12))))
+        a = a[:rows]
         deadline = time.perf_counter() + per_shape
-        runs = 0
-        while runs < 3 or time.perf_counter() < deadline:
+        while True:
             t0 = time.perf_counter()
             torch.matmul(a, b)
             _sync(device)
             dt_s = time.perf_counter() - t0
-            best = max(best, 2.0 * m * k * n / dt_s)
-            runs += 1
-            if runs >= 50:
+            best = max(best, 2.0 * rows * k * n / dt_s)
+            if time.perf_counter() >= deadline:
                 break
-        del a, b
+        del a, b, small
     return best
 
 
@@ -110,11 +117,17 @@ def roofline(spec: Any, dtype: str, tokens: int, *, fingerprint: str | None = No
     if key in cache:
         hit = dict(cache[key], source="cache")
         hit["shapes"] = [tuple(s) for s in hit["shapes"]]
-        return RooflineResult(**hit)
+        return RooflineResult(**{k: v for k, v in hit.items() if k in RooflineResult.__dataclass_fields__})
+    from lowres.advisor.calibrate import BUSY_LOAD_PER_CPU, machine_load
+
+    before = machine_load()
     result = RooflineResult(flops_per_s=measure_gemm_flops(shapes, dtype, device, budget_s), dtype=dtype,
                             threads=threads, shapes=shapes, source="measured", measured_at=time.time())
-    cache[key] = asdict(result)
-    write_cache(path, cache)
+    load = machine_load()
+    # a peak measured while others held the cores would poison every later estimate: used now, not kept
+    if max(before.get("load_per_cpu", 0.0), load.get("load_per_cpu", 0.0)) <= BUSY_LOAD_PER_CPU or device != "cpu":
+        cache[key] = {**asdict(result), "load": load}
+        write_cache(path, cache)
     return result
 
 
