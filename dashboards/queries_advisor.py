@@ -45,9 +45,9 @@ def advice(model: str, hw: dict[str, Any], candidate: dict[str, Any], headroom: 
     charts: the curve crosses the limit), that largest batch, and the precision × quantization × rank grid."""
     from lowres.advisor import Candidate, estimate, largest_fitting_batch
     from lowres.advisor.grid import candidate_grid
-    from lowres.models import load_spec
+    from lowres.models.spec import resolve_spec  # a preset, a local folder with config.json, or a hub id
 
-    spec, hwp, cand = load_spec(model), _profile(hw), Candidate.model_validate(candidate)
+    spec, hwp, cand = resolve_spec(model), _profile(hw), Candidate.model_validate(candidate)
     est = estimate(spec, hwp, cand, headroom=headroom)
     largest = largest_fitting_batch(spec, hwp, cand, headroom=headroom)
     sweep_to = min(4096, max(64, 2 * largest, cand.batch_size))

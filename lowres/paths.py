@@ -34,3 +34,20 @@ def cache_dir() -> Path:
     root = os.environ.get("LOWRES_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowres")
     return Path(root)
+
+
+def find_config_file(name: str | Path, beside: str | Path | None = None) -> Path:
+    """A config file one config names (a federation's ``base:``, an anomaly run's ``fed_config:``): as given
+    (absolute, or relative to the working directory), else relative to the folder of the YAML that names it
+    (``beside``), else a shipped one — ``configs/…`` read under :func:`configs_dir` — so shipped configs work
+    from any working directory and from a wheel install. Returns the path as given when none exists (the
+    reader's "does not exist" error then names it)."""
+    p = Path(name).expanduser()
+    if p.is_absolute() or p.is_file():
+        return p
+    if beside is not None and (Path(beside).parent / p).is_file():
+        return Path(beside).parent / p
+    parts = p.parts
+    if parts and parts[0] == "configs" and (configs_dir().joinpath(*parts[1:])).is_file():
+        return configs_dir().joinpath(*parts[1:])
+    return p

@@ -23,6 +23,9 @@ with left:
     models = opts["models"]
     model = st.selectbox("Model preset", models, index=models.index("SmolLM2-135M") if "SmolLM2-135M" in models
                          else 0, key="adv_model")
+    own = st.text_input("…or your own model: a folder with config.json, or a hub id", key="adv_own_model",
+                        help="Any decoder-only causal LM transformers can build; shapes come from its config.json")
+    model = own.strip() or model
     compute = st.selectbox("Precision", ["auto", "fp32", "bf16", "fp16"], key="adv_compute")
     quant = st.selectbox("Quantization", ["none", "int8", "nf4", "fp4"], key="adv_quant")
     rank = st.select_slider("LoRA rank", [1, 2, 4, 8, 16, 32, 64, 128, 256], value=8, key="adv_rank")

@@ -464,7 +464,7 @@ def machine_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: in
 
 
 def cached_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: int | None = None,
-                    device: str = "cpu") -> MachineRoofline | None:
+                    device: str = "cpu", seq_len: int | None = None) -> MachineRoofline | None:
     """The roofline ``machine_roofline`` measured earlier on this machine for ``spec``, read from the caches
     without measuring or importing torch (for `lowres advise`, which loads nothing); None when the peak
     FLOP/s were never measured here. Dequantisation rates are included where they were measured."""
@@ -483,8 +483,8 @@ def cached_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: int
     in_f, out_f = max(linear_shapes(spec).values(), key=lambda s: s[0] * s[1])
     rates = data.get(f"{fingerprint}|dequant2|{in_f}x{out_f}") or data.get(
         f"{fingerprint}|dequant2|{in_f}x{out_f}|fp32") or {}
-    mm = machine_model(fingerprint, spec, tokens, tuple(dt for dt in ("fp32", "bf16") if flops.get(dt)),
-                       measure=False)
+    mm = machine_model(fingerprint, spec, seq_len or tokens,
+                       tuple(dt for dt in ("fp32", "bf16") if flops.get(dt)), measure=False)
     return MachineRoofline(fp32_flops=flops["fp32"], bf16_flops=flops["bf16"],
                            mem_bandwidth_bytes_s=(data.get(f"{fingerprint}|bandwidth") or {}).get("bytes_per_s"),
                            dequant_bytes_s={q: r for q, r in rates.items() if r}, source="cache",

@@ -71,10 +71,12 @@ def budget_for(hw: Any, budget_bytes: float | None) -> float:
 def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = None, headroom: float = 0.10,
          rank: int | None = None, out: str | Path | None = None, dry_run: bool = False,
          on_trial: Callable[[str, Trial], None] | None = None, probe_steps: int = 5, hw: Any = None,
-         probe_fn: Callable | None = None, console: Any = None, round_bytes: float | None = None) -> TuneResult:
+         probe_fn: Callable | None = None, console: Any = None, round_bytes: float | None = None,
+         time_budget_s: float | None = None) -> TuneResult:
     """Choose a RunConfig for ``cfg``'s model and data on this machine, write it to ``out``, and train with
     it unless ``dry_run``. ``rank`` None: advised from the data size and budget, or for a federated client
-    from ``round_bytes`` (adapter bytes it may move per round)."""
+    from ``round_bytes`` (adapter bytes it may move per round). ``time_budget_s``: tune and training together
+    should end within it — max_steps is cut to what the chosen setup's measured step time allows."""
     from lowres.hardware import detect
     from lowres.models import locate_weights
 
@@ -123,6 +125,10 @@ def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = N
         raise
     reasons += choice.reasons
     chosen = run_config_for(base, choice.candidate, choice.grad_accum, choice.max_steps)
+    if time_budget_s and choice.trial is not None and choice.trial.probe.step_s:
+        steps, why = steps_for_time(chosen, choice.trial.probe.step_s, time_budget_s - (time.perf_counter() - t0))
+        chosen = chosen.model_copy(update={"train": chosen.train.model_copy(update={"max_steps": steps})})
+        reasons.append(why)
     seconds = time.perf_counter() - t0
     reasons.append(f"chosen in {seconds:.0f} s after {len(choice.trials)} probe(s); "
                    f"calibration now: {choice.calibration.source}")
@@ -145,6 +151,32 @@ def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = N
 
         result.train_result = run(chosen, console=console)
     return result
+
+
+# What a training run spends besides its steps, in step times and seconds: loading the model and data
+# (~15-25 s for a 135M model from the converted cache on 2 cores, imports included), and the two held-out
+# evaluations at the end (the adapter's and the base's: eval_batches forward passes each, ~1/3 of a step's
+# compute per micro-batch).
+TRAIN_SETUP_S = 25.0
+MIN_STEPS = 5
+
+
+def steps_for_time(cfg: Any, step_s: float, remaining_s: float) -> tuple[int, str]:
+    """(max_steps, reason): as many of ``cfg``'s steps as fit ``remaining_s`` seconds at the measured
+    ``step_s`` per optimizer step, after the run's setup and its two evaluations; never more than configured,
+    never fewer than MIN_STEPS (the reason says when that overruns the budget)."""
+    evals = 2 * cfg.train.eval_batches * step_s / (3 * cfg.train.grad_accum)
+    left = remaining_s - TRAIN_SETUP_S - evals
+    fit = int(left // step_s) if left > 0 else 0
+    steps = max(MIN_STEPS, min(cfg.train.max_steps, fit))
+    head = (f"time budget: {remaining_s:.0f} s left after probing; the chosen setup measured {step_s:.2f} s per "
+            f"step, plus ~{TRAIN_SETUP_S:.0f} s to load and ~{evals:.0f} s for the base and adapter evaluations")
+    if fit >= cfg.train.max_steps:
+        return steps, f"{head}: all {cfg.train.max_steps} configured steps fit"
+    if fit < MIN_STEPS:
+        return steps, (f"{head}: fewer than {MIN_STEPS} steps fit, so {MIN_STEPS} run and the budget is overrun "
+                       "(raise --time-budget, or give a smaller model or shorter sequences)")
+    return steps, f"{head}: train.max_steps cut from {cfg.train.max_steps} to {steps}"
 
 
 def _targets_name(cfg: Any) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lowres.paths import configs_dir
+from lowres.paths import configs_dir, find_config_file
 
 FED_CONFIG = "anomaly/teachers-fed.yaml"
 
@@ -38,7 +38,7 @@ def teacher_fed_config(normal_txt: str | Path, folder: str | Path, clients: int,
     and sizes of this run."""
     from lowres.federated.config import load_fed_config
 
-    path = Path(config) if config else configs_dir() / FED_CONFIG
+    path = find_config_file(config) if config else configs_dir() / FED_CONFIG
     return load_fed_config(path, [
         f"output_dir={folder}", f"clients={clients}", f"rounds={max(rounds, 1)}", f"local_steps={local_steps}",
         f"run.data.path={normal_txt}", f"robustness.min_available={clients}", "tracking.mlflow=false",

@@ -104,7 +104,8 @@ def advise(
     from lowres.advisor.calibrate import cached_roofline, load_calibration
 
     cal = None if hardware else load_calibration(hw.fingerprint, spec.name)
-    rl = None if hardware or getattr(hw, "roofline", None) else cached_roofline(spec, hw.fingerprint)
+    rl = None if hardware or getattr(hw, "roofline", None) else cached_roofline(spec, hw.fingerprint,
+                                                                                  seq_len=candidate.seq_len)
     est = estimate(spec, hw, candidate, headroom=headroom, calibration=cal, roofline=rl)
     grid = candidate_grid(spec, hw, candidate, headroom=headroom, calibration=cal, roofline=rl)
 
@@ -227,6 +228,10 @@ def _summary(est: Any) -> str:
     else:
         step = (f"step time: {_seconds(est.step_time_s)} ({est.tokens_per_s:,.0f} tokens/s, roofline: "
                 f"{est.roofline_source})")
+        if est.step_time_band_s:
+            lo, hi = est.step_time_band_s
+            step += (f" — uncalibrated guess from the machine model, likely {_seconds(lo)}-{_seconds(hi)}; "
+                     "probes (`lowres tune --auto`) calibrate it")
     return f"{fit} · {est.flops_per_step / 1e12:.2f} TFLOP per step · {step}"
 
 

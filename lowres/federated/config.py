@@ -146,10 +146,11 @@ def load_fed_config(path: str | Path | None = None, overrides: list[str] | None 
     if path is not None:
         p = Path(path)
         data = read_yaml_mapping(p, "federation config", "give a YAML file, e.g. configs/fed/tiny-sim.yaml")
-        if data.get("base") and not Path(data["base"]).is_absolute():
-            # a base path is relative to the repository root or cwd first, then to the YAML itself
-            if not Path(data["base"]).is_file() and (p.parent / data["base"]).is_file():
-                data["base"] = str(p.parent / data["base"])
+        if data.get("base"):
+            # relative to the working directory, then to the YAML itself, then a shipped configs/… file
+            from lowres.paths import find_config_file
+
+            data["base"] = str(find_config_file(data["base"], beside=p))
     for item in overrides or []:
         key, value = parse_override(item)
         _set_path(data, key, value)
