@@ -444,9 +444,13 @@ def machine_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: in
     flops = {dt: roofline(spec, dt, tokens, fingerprint=fingerprint).flops_per_s for dt in dtypes}
     data = _read()
     key = f"{fingerprint}|bandwidth"
-    if key not in data:
-        data[key] = {"bytes_per_s": measure_bandwidth(), "measured_at": time.time(), **machine_load()}
-        _write(data)
+    bandwidth = (data.get(key) or {}).get("bytes_per_s")
+    if bandwidth is None:
+        bandwidth = measure_bandwidth()
+        after = machine_load()
+        if max(load.get("load_per_cpu", 0.0), after.get("load_per_cpu", 0.0)) <= BUSY_LOAD_PER_CPU:
+            data[key] = {"bytes_per_s": bandwidth, "measured_at": time.time(), **after}  # busy: not kept
+            _write(data)
     in_f, out_f = max(linear_shapes(spec).values(), key=lambda s: s[0] * s[1])
     dq_compute = resolve_compute(hw, "auto") if hw is not None else "bf16"
     dq_key = f"{fingerprint}|dequant2|{in_f}x{out_f}" + ("" if dq_compute == "bf16" else f"|{dq_compute}")
@@ -457,7 +461,7 @@ def machine_roofline(spec: Any, fingerprint: str, tokens: int = 512, threads: in
         _write(data)
     mm = machine_model(fingerprint, spec, seq_len, dtypes)
     return MachineRoofline(fp32_flops=flops["fp32"], bf16_flops=flops.get("bf16"),
-                           mem_bandwidth_bytes_s=data[key]["bytes_per_s"],
+                           mem_bandwidth_bytes_s=bandwidth,
                            dequant_bytes_s={q: r for q, r in (data.get(dq_key) or {}).items() if r}, load=load,
                            note=f"GEMMs of {spec.name}'s shapes at {tokens} tokens, {torch.get_num_threads()} threads"
                                 f" ({', '.join(dtypes)})", **mm)
