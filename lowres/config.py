@@ -93,6 +93,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at the end")
     eval_batches: int = Field(8, ge=1)
     warmup_ignore_steps: int = Field(2, ge=0, description="first steps left out of throughput and MFU means")
+    max_bad_steps: int = Field(0, ge=0, description="optimizer steps with a NaN/Inf loss or gradient that are "
+                               "skipped before the run stops with an error; 0 = stop at the first")
 
 
 class CheckpointConfig(_Section):
@@ -143,6 +145,7 @@ class RunConfig(_Section):
         d = self.model_dump(mode="json")
         d.pop("output_dir", None)
         d.pop("tracking", None)
+        d["train"].pop("max_bad_steps", None)  # a guard: it changes no result of a run that trains
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
@@ -213,7 +216,12 @@ def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{what} {str(p)!r} does not exist", hint=hint)
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {str(p)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})",
+                          hint="save it as UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(p)!r} cannot be read: {exc.strerror}", hint=hint) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):

@@ -31,7 +31,8 @@ class ConfigError(UsageError):
 
     def __init__(self, message: str, problems: list[str] | None = None, *, hint: str | None = None):
         self.problems = problems or []
-        full = message if not self.problems else message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+        # one line, as every error: the problems follow the message, separated by semicolons
+        full = message if not self.problems else f"{message}: " + "; ".join(self.problems)
         super().__init__(full, hint=hint)
 
 
@@ -49,6 +50,10 @@ class UnsupportedError(UsageError):
 
 class CheckpointError(UsageError):
     """A checkpoint that is missing, damaged or from another config."""
+
+
+class NonFiniteError(UsageError):
+    """Training diverged: a NaN/Inf loss, gradient or weight (exit 2); says which setting to change."""
 
 
 class CommandNotFound(LowresError):

@@ -45,9 +45,17 @@ def read_sessions(path: str | Path) -> tuple[str, list[str], list[str], np.ndarr
 def detect_file(model_dir: str | Path, path: str | Path, threshold: float = 0.5) -> Detection:
     """Score every session of ``path`` with the student in ``model_dir``; metrics when labels are present."""
     from lowres.anomaly.student import load_student, predict_proba
+    from lowres.errors import UsageError
 
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold} is not a probability", hint="give a value in [0, 1], e.g. 0.5")
+    d = Path(model_dir)
+    missing = [n for n in ("meta.json", "base", "adapter", "tokenizer") if not (d / n).exists()]
+    if missing:  # checked before the file is read and the model loads
+        raise UsageError(f"--model {str(d)!r} holds no saved student (missing {', '.join(missing)})",
+                         hint="give the student folder of a `lowres anomaly run`, e.g. runs/anomaly/hdfs-tiny/student")
+    kind, keys, texts, labels = read_sessions(path)  # SessionError (exit 2): not a file, not text, bad labels
     student = load_student(model_dir)
-    kind, keys, texts, labels = read_sessions(path)
     proba = predict_proba(student, texts)
     flags = (proba >= threshold).astype(int)
     res = Detection(keys, proba, flags, labels, kind=kind)

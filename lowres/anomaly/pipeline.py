@@ -69,11 +69,26 @@ class AnomalyConfig(BaseModel):
 
 
 def load_anomaly_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AnomalyConfig:
-    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) if path else {}
+    """The pipeline's config: YAML (if given), then ``key=value`` overrides; ConfigError (exit 2) naming every
+    bad field, and UsageError for an output folder that cannot be written — all before any work."""
+    from pydantic import ValidationError
+
+    from lowres.config import _format_errors, parse_override, read_yaml_mapping
+    from lowres.errors import ConfigError
+    from lowres.locks import check_output_dir
+
+    data: dict[str, Any] = read_yaml_mapping(path, "anomaly config", "give a YAML file, e.g. "
+                                             "configs/anomaly/hdfs-tiny.yaml") if path else {}
     for item in overrides or []:
-        key, _, value = item.partition("=")
-        data[key.strip()] = yaml.safe_load(value)
-    return AnomalyConfig.model_validate(data or {})
+        key, value = parse_override(item)
+        data[key] = value
+    try:
+        cfg = AnomalyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("the anomaly config" + (f" in {path}" if path else "") + " is not valid",
+                          _format_errors(exc)) from None
+    check_output_dir(cfg.output_dir)
+    return cfg
 
 
 def split_data(cfg: AnomalyConfig) -> dict[str, Any]:

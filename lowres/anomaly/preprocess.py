@@ -19,7 +19,7 @@ import io
 import re
 from pathlib import Path
 
-from lowres.errors import LowresError
+from lowres.errors import DataError
 
 SEP = " ;-; "  # the message separator: rare in logs, a few tokens, marks event boundaries for the model
 WILDCARD = "<*>"
@@ -39,7 +39,7 @@ _HEADER_RE = re.compile(r"^\d{6} \d{6} \d+ [A-Z]+ (?:[\w.$]+: )?")  # HDFS: date
 _COLLAPSE_RE = re.compile(r"(?:<\*>\s*){2,}")
 
 
-class SessionError(LowresError):
+class SessionError(DataError):
     """Input that gives no usable sessions; the message says how many were found and needed."""
 
     exit_code = 2
@@ -94,9 +94,16 @@ def join_session(messages: list[str]) -> str:
 
 def _read_text(path: str | Path) -> str:
     p = Path(path)
-    if p.suffix == ".gz":
-        return gzip.decompress(p.read_bytes()).decode("utf-8")
-    return p.read_text(encoding="utf-8")
+    if not p.is_file():
+        raise SessionError(f"{str(p)!r} is {'a folder' if p.is_dir() else 'not there'}, not a log or sessions file",
+                           hint="give a `Sequence,label` CSV or a file of raw log lines")
+    try:
+        if p.suffix == ".gz":
+            return gzip.decompress(p.read_bytes()).decode("utf-8")
+        return p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise SessionError(f"{str(p)!r} is not UTF-8 text ({type(exc).__name__})",
+                           hint="give a `Sequence,label` CSV or a file of raw log lines") from None
 
 
 def data_file(name: str) -> Path:
@@ -132,7 +139,12 @@ def read_labeled_sessions(path: str | Path | None = None) -> list[tuple[list[str
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or not {"Sequence", "label"} <= set(reader.fieldnames):
         raise SessionError(f"{path}: expected columns Sequence,label, found {reader.fieldnames}")
-    rows = [(_ids(r["Sequence"]), int(r["label"])) for r in reader]
+    rows = []
+    for line, r in enumerate(reader, start=2):
+        label = (r["label"] or "").strip()
+        if label not in ("0", "1"):
+            raise SessionError(f"{path}:{line}: label {label!r} is not 0 or 1", hint="0 marks normal, 1 anomalous")
+        rows.append((_ids(r["Sequence"] or ""), int(label)))
     return [(ids, y) for ids, y in rows if ids]
 
 

@@ -109,6 +109,14 @@ def _quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated")
 
 
+def _say_error(message: str) -> None:
+    """The one line every failure a user can cause ends in (markup in the message is printed as is)."""
+    from rich.markup import escape
+
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return (and exit with) the command's exit code."""
     _quiet_third_party_noise()
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LowresError, PortInUse) as exc:
         if os.environ.get("LOWRES_DEBUG") == "1":
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _say_error(str(exc))
         sys.exit(getattr(exc, "exit_code", 2))
     except SystemExit:
         raise
@@ -136,11 +144,23 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # A file the user named that cannot be read or written (permissions, a file where a folder should be,
+        # a full or read-only disk): one line naming it. Without a file name it is ours: show the traceback.
+        if exc.filename is None or os.environ.get("LOWRES_DEBUG") == "1":
+            raise
+        what = f"{exc.filename!s}" + (f" → {exc.filename2!s}" if exc.filename2 else "")
+        _say_error(f"{exc.strerror or type(exc).__name__}: {what!r} — check the path and its permissions")
+        sys.exit(2)
     except Exception as exc:  # click usage errors and aborts carry their own exit codes
         import click
 
         if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+            if os.environ.get("LOWRES_DEBUG") == "1":
+                raise
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            _say_error(exc.format_message() + where)
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
             err_console.print("aborted")

@@ -41,6 +41,9 @@ def bench(
 
     repeats = repeats if repeats_old is None else repeats_old
 
+    from lowres.tracking.uri import check_tracking_uri
+
+    check_tracking_uri(tracking_uri, "--tracking-uri")  # before the first workload starts
     console, err = Console(), Console(stderr=True)
     todo = suite_workloads(suite, workload)
     err.print(f"lowres bench: suite {suite}, {len(todo)} workloads × {repeats} repeats "
@@ -99,6 +102,13 @@ def compare(
     from lowres.errors import UsageError
     from lowres.tracking.runs import client as make_client
 
+    from lowres.tracking.uri import check_tracking_uri
+
+    check_tracking_uri(tracking_uri, "--tracking-uri")
+    if plot is not None:
+        from lowres.locks import check_output_dir
+
+        check_output_dir(plot.parent, "folder of --plot")
     model = model or preset
     if json_output and csv_output:
         raise UsageError("--json and --csv both given", hint="pick one output format")
@@ -228,6 +238,13 @@ def regress(
     for name, value in (("--baseline", baseline), ("--candidate", candidate)):
         if not value:
             raise UsageError(f"missing option {name}", hint="e.g. lowres regress --baseline previous --candidate latest")
+    unknown = [m for m in metric if m not in ("step_time", "peak_memory")]
+    if unknown:
+        raise UsageError(f"--metric {unknown[0]!r} is not a metric regress compares",
+                         hint="use step_time and/or peak_memory")
+    from lowres.tracking.uri import check_tracking_uri
+
+    check_tracking_uri(tracking_uri, "--tracking-uri")
     client, exp_ids = _experiment(tracking_uri, experiment)
     if candidate.strip() == "previous" and baseline.strip() != "previous":
         base_runs = select(client, exp_ids, baseline)

@@ -57,6 +57,14 @@ def dash(
     if not 0 <= regression_threshold < 1:
         raise UsageError(f"--regression-threshold must be a fraction in [0, 1), got {regression_threshold}",
                          hint="0.05 flags a run 5 % slower than its baseline, as lowres regress --threshold")
+    if prometheus and not _is_http_url(prometheus):
+        raise UsageError(f"--prometheus {prometheus!r} is not an http(s) URL",
+                         hint="give Prometheus' base URL, e.g. http://127.0.0.1:9090")
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UsageError(f"--runs-dir {str(runs_dir)!r} is a file, not a folder", hint="give the runs folder")
+    from lowres.tracking.uri import check_tracking_uri
+
+    check_tracking_uri(tracking_uri or mlflow_uri, "--tracking-uri")
     _check_free(port, PortInUse)
     env = dict(os.environ)
     from profiler.sinks.mlflow import resolve_tracking_uri
@@ -71,13 +79,26 @@ def dash(
         env["LOWRES_PROMETHEUS_URL"] = prometheus
     env["LOWRES_RUNS_DIR"] = str(runs_dir.expanduser().resolve())
     env["LOWRES_REGRESSION_THRESHOLD"] = str(regression_threshold)
-    typer.echo(f"lowres dash: http://127.0.0.1:{port} · MLflow {uri} (Ctrl+C stops it)", err=True)
+    from profiler.sinks.mlflow import redact_uri
+
+    typer.echo(f"lowres dash: http://127.0.0.1:{port} · MLflow {redact_uri(uri)} (Ctrl+C stops it)", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
     # exec, not a child: a SIGTERM to `lowres dash` (a service manager, a container stop) then reaches Streamlit
     # itself instead of leaving it serving behind a dead parent
     cmd = streamlit_command(app, port)
     os.execve(cmd[0], cmd, env)
+
+
+def _is_http_url(url: str) -> bool:
+    """http(s) with a host: the only URLs the pages may fetch (a file:// URL would read local files)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _check_free(port: int, port_in_use: type) -> None:

@@ -46,6 +46,9 @@ def run(
         ("output_dir", output_dir), ("tracking.mlflow_uri", tracking_uri)) if v is not None]
     console = Console(stderr=True)
     fed = load_fed_config(config, overrides)
+    from lowres.locks import check_output_dir
+
+    check_output_dir(fed.output_dir)  # a file in the way: refused before any client starts
     if superlink is None:
         from lowres.federated.simulation import simulate
 
@@ -83,6 +86,9 @@ def superlink_cmd(
     from lowres.federated.deploy import flower_env, superlink_command
 
     _tls_choice(certs, insecure)
+    _check_port(port, "--port")
+    if certs is not None:
+        _check_files(certs, ["ca.crt", "server.pem", "server.key"], "--certs", "write them with `lowres fed certs DIR`")
     cmd = superlink_command(port, certs, supernode_auth, database)
     _exec(cmd, flower_env(Path.home() / ".cache" / "lowres" / "flower-bin"), dry_run)
 
@@ -108,6 +114,7 @@ def supernode_cmd(
     from lowres.federated.deploy import flower_env, supernode_command
 
     _tls_choice(root_cert, insecure)
+    _check_supernode(superlink, port, root_cert, data_path, auth_key, overrides)
     output_dir = output_dir or output_dir_old
     node_config: dict[str, object] = {}
     for key, value in (("partition-id", partition_id), ("num-partitions", num_partitions), ("data-path", data_path),
@@ -122,9 +129,53 @@ def supernode_cmd(
 def certs_cmd(folder: Annotated[Path, typer.Argument(help="Where to write ca.crt, server.pem, server.key.")],
               host: Annotated[str, typer.Option("--host", help="The SuperLink's address in the certificate.")] = "127.0.0.1") -> None:
     """Write a self-signed CA and SuperLink certificate (for loopback/lab tests; use a real CA otherwise)."""
+    from lowres.errors import UsageError
     from lowres.federated.deploy import make_certs
+    from lowres.locks import check_output_dir
 
+    check_output_dir(folder, "certificate folder")
+    existing = [n for n in ("ca.crt", "server.pem", "server.key") if (folder / n).exists()]
+    if existing:  # a lab's CA replaced by accident would lock every SuperNode out
+        raise UsageError(f"{str(folder)!r} already holds {', '.join(existing)}; nothing was overwritten",
+                         hint="remove them first, or give a new folder")
     print(make_certs(folder, host))
+
+
+def _check_port(port: int, flag: str) -> None:
+    from lowres.errors import UsageError
+
+    if not 1 <= port <= 65535:
+        raise UsageError(f"{flag} must be in 1..65535, got {port}")
+
+
+def _check_files(folder: Path, names: list[str], flag: str, hint: str) -> None:
+    from lowres.errors import UsageError
+
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise UsageError(f"{flag} {str(folder)!r} lacks {', '.join(missing)}", hint=hint)
+
+
+def _check_supernode(superlink: str, port: int, root_cert: str | None, data_path: str | None,
+                     auth_key: str | None, overrides: str | None) -> None:
+    """Everything a SuperNode would only trip over later (after Flower has started): refused now, exit 2."""
+    from lowres.config import parse_override
+    from lowres.errors import DataError, UsageError
+
+    host, sep, sport = superlink.rpartition(":")
+    if not sep or not host or not sport.isdigit() or not 1 <= int(sport) <= 65535:
+        raise UsageError(f"--superlink {superlink!r} is not HOST:PORT", hint="e.g. --superlink 10.0.0.5:8000")
+    _check_port(port, "--port")
+    if root_cert is not None and not Path(root_cert).is_file():
+        raise UsageError(f"--root-cert {root_cert!r} does not exist", hint="give the SuperLink's ca.crt")
+    if data_path is not None and not Path(data_path).expanduser().exists():
+        raise DataError(f"--data-path {data_path!r} does not exist", hint="give this node's data file or folder")
+    if auth_key is not None:
+        for f in (auth_key, auth_key + ".pub"):
+            if not Path(f).is_file():
+                raise UsageError(f"--auth-key: {f!r} does not exist", hint="give the private key; KEY.pub beside it")
+    for item in (overrides or "").split():
+        parse_override(item)  # ConfigError for a word that is not section.field=value
 
 
 def _tls_choice(certs: object, insecure: bool) -> None:

@@ -31,6 +31,13 @@ def hw(
     """Show the machine lowres runs on: CPU and its ISA features, memory, cgroup limits, GPUs, versions."""
     from lowres.hardware import detect, load_profile, save_profile
 
+    if save is not None:  # a bad --save path is refused before the machine is probed
+        from lowres.errors import UsageError
+        from lowres.locks import check_output_dir
+
+        if save.is_dir():
+            raise UsageError(f"--save {str(save)!r} is a folder", hint="give a file name, e.g. my-laptop.yaml")
+        check_output_dir(save.parent, "folder of --save")
     if profile:
         prof = load_profile(profile)
     elif probe_bnb:

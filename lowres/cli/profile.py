@@ -34,13 +34,18 @@ def _mlflow_run(cmd: list[str]):
     import platform
 
     from lowres.hardware import detect
-    from lowres.tracking.runs import descriptive_run_name, start_run
+    from lowres.tracking.logger import SpoolingLogger
+    from lowres.tracking.runs import descriptive_run_name
 
+    # A tracking server that is down must neither hang this command nor stop CMD from running: its /health is
+    # asked with a short timeout, and everything goes to the spool for `lowres sync` when it does not answer.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     hw = detect(probe_bnb=False)  # cheap: no torch import
     what = [Path(cmd[0]).name] + [Path(a).stem for a in cmd[1:2] if not a.startswith("-")]
-    return start_run("lowres-profile", run_name=descriptive_run_name("profile", *what, platform.node().split(".")[0][:24]),
-                     fingerprint=hw.fingerprint, tier=hw.tier,
-                     tags={"lowres.command": " ".join(cmd)[:5000], "lowres.kind": "profile"})
+    return SpoolingLogger.start("lowres-profile", run_name=descriptive_run_name(
+        "profile", *what, platform.node().split(".")[0][:24]), fingerprint=hw.fingerprint, tier=hw.tier,
+        tags={"lowres.command": " ".join(cmd)[:5000], "lowres.kind": "profile"}, timeout_s=5.0)
 
 
 def _sink_specs(jsonl: Optional[Path], prometheus_port: Optional[int], pushgateway: Optional[str],
@@ -58,6 +63,32 @@ def _sink_specs(jsonl: Optional[Path], prometheus_port: Optional[int], pushgatew
         specs.append({"kind": "mlflow", "tracking_uri": mlflow_run.tracking_uri, "run_id": mlflow_run.run_id,
                       "interval_s": 10})
     return specs
+
+
+def _check_outputs(jsonl: Optional[Path], pushgateway: Optional[str], mlflow: bool) -> None:
+    """Refuse (exit 2) outputs that cannot work, before the command starts."""
+    from urllib.parse import urlsplit
+
+    if jsonl is not None:
+        from lowres.locks import check_output_dir
+
+        if jsonl.is_dir():
+            raise UsageError(f"--jsonl {str(jsonl)!r} is a folder", hint="give a file name, e.g. prof.jsonl")
+        check_output_dir(jsonl.parent, "folder of --jsonl")
+    if pushgateway is not None:
+        target = pushgateway if "://" in pushgateway else f"http://{pushgateway}"
+        try:
+            parts = urlsplit(target)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"--pushgateway {pushgateway!r} is not HOST:PORT or an http(s) URL",
+                             hint="e.g. --pushgateway 127.0.0.1:9091")
+    if mlflow:
+        from lowres.tracking.uri import check_tracking_uri
+
+        check_tracking_uri(None, "MLFLOW_TRACKING_URI")
 
 
 def _check_command(cmd: list[str]) -> None:
@@ -125,6 +156,7 @@ def profile(
     cmd = list(ctx.args)
     err = Console(stderr=True)
     _check_command(cmd)
+    _check_outputs(jsonl, pushgateway, mlflow)
     mlflow_run = _mlflow_run(cmd) if mlflow else None
     specs = _sink_specs(jsonl, prometheus_port, pushgateway, mlflow_run, run)
     spawner_hwm = _own_hwm()
@@ -150,12 +182,19 @@ def profile(
     finally:
         summary = prof.stop()
         if mlflow_run is not None:
-            from lowres.tracking.runs import end_run, log_text
+            import tempfile
 
             # the summary printed below, kept with the run as `lowres train` keeps its own
-            log_text(mlflow_run.run_id, json.dumps({"command": cmd, "exit_code": code, **summary.to_dict()}, indent=2,
-                                                   default=str), "profile_summary.json", mlflow_run.tracking_uri)
-            end_run(mlflow_run.run_id, "FINISHED" if code == 0 else "FAILED", mlflow_run.tracking_uri)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "profile_summary.json"
+                path.write_text(json.dumps({"command": cmd, "exit_code": code, **summary.to_dict()}, indent=2,
+                                           default=str))
+                mlflow_run.log_artifact(path)
+            mlflow_run.end("FINISHED" if code == 0 else "FAILED")
+            if mlflow_run.spooled:
+                err.print(f"MLflow at {mlflow_run.shown_uri} did not take run {mlflow_run.run_id}: its figures are "
+                          f"spooled in {mlflow_run.spool_dir} — run `lowres sync` when the server is back",
+                          highlight=False)
     if as_json:
         print(json.dumps({"command": cmd, "exit_code": code, **summary.to_dict()}))
     else:

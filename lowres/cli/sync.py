@@ -32,7 +32,15 @@ def sync(
     # (7 retries, 120 s) would make a server that dies mid-sync look like a hang. The user's values win.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    from lowres.errors import UsageError
     from lowres.tracking.sync import sync as run_sync
+    from lowres.tracking.uri import check_tracking_uri
+
+    if spool_dir is not None and not spool_dir.is_dir():
+        raise UsageError(f"--spool-dir {str(spool_dir)!r} is {'a file' if spool_dir.exists() else 'not there'}",
+                         hint="give the .lowres/spool folder of the directory the runs were started in")
+    if tracking_uri is not None:
+        check_tracking_uri(tracking_uri, "--tracking-uri")
 
     report = run_sync(spool_dir, tracking_uri, dry_run=dry_run)
     console = Console()

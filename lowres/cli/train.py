@@ -75,7 +75,7 @@ def train(
     data: path sample format text_field prompt_field response_field max_length packing eval_fraction
     max_examples tokenizer_vocab ·
     train: max_steps batch_size grad_accum lr warmup_steps min_lr_ratio weight_decay max_grad_norm optimizer
-    loss_chunk_tokens threads seed eval_every eval_batches warmup_ignore_steps ·
+    loss_chunk_tokens threads seed eval_every eval_batches warmup_ignore_steps max_bad_steps ·
     checkpoint: every keep ·
     tracking: mlflow mlflow_uri experiment run_name prometheus_port pushgateway jsonl profiler_interval
     profiler_mode
@@ -196,11 +196,13 @@ def export(
 ) -> None:
     """Write the adapter (or, with --merge, a merged model in safetensors) plus the tokenizer to a folder."""
     from lowres.train.evaluation import find_run
-    from lowres.train.tools import export_run
+    from lowres.train.tools import check_export, export_run
 
     out = out or out_old or Path("export")  # --out: the name before --output
     from lowres.cli.working import working
 
+    run = find_run(run_dir)
+    check_export(run, out)  # before the first line of output: a bad --output is one error line
     with working(f"writing the {'merged model' if merge else 'adapter'} to {out} …"):
-        files = export_run(find_run(run_dir), out, merge)
+        files = export_run(run, out, merge)
     Console().print(f"wrote {'merged model' if merge else 'adapter'} to {out}: {', '.join(files)}", highlight=False)

@@ -27,10 +27,21 @@ def parse_size(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
+def parse_duration(text: str) -> float:
+    """``5m`` → 300, ``300s``/``300`` → 300, ``1h`` → 3600, ``1.5m`` → 90; ``0`` → 0 (no limit)."""
+    from lowres.errors import UsageError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*", text.lower())
+    if not m:
+        raise UsageError(f"duration {text!r} not understood", hint="write it like 5m, 300s or 1h (0: no limit)")
+    return float(m.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[m.group(2) or "s"]
+
+
 def tune(
     auto: Annotated[bool, typer.Option("--auto", help="Then train with the chosen setup. Without it tune only "
                                        "chooses and writes the config (as --dry-run).")] = False,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model preset, hub id or path (default: tiny).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model preset, hub id, folder or .gguf "
+                                       "(default: SmolLM2-135M-Instruct, real pretrained weights).")] = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Data file/folder (default: the shipped sample).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Start from a run config YAML.")] = None,
     objective: Annotated[str, typer.Option("--objective", help="fastest, smallest or time:SECONDS.")] = "fastest",
@@ -42,6 +53,9 @@ def tune(
     round_budget: Annotated[str | None, typer.Option("--fed-round-budget", help="Federated client: adapter bytes "
                                                      "per round (down + up), e.g. 5MB; sets the rank.")] = None,
     headroom: Annotated[float, typer.Option("--headroom", help="Fraction of the budget kept free.")] = 0.10,
+    time_budget: Annotated[str, typer.Option("--time-budget", metavar="DURATION", help="Tune and train together "
+                                             "within this (e.g. 5m, 300s, 1h; 0 = no limit): training steps are "
+                                             "cut to what the measured step time allows, and tune says so.")] = "5m",
     probe_steps: Annotated[int, typer.Option("--probe-steps", help="Optimizer steps per probe (the first "
                                              "two are warm-up).")] = 5,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose and write the config, do not train (what "
@@ -81,13 +95,16 @@ def tune(
         sets += [f"train.batch_size={effective_batch}", "train.grad_accum=1"]
     if not mlflow:
         sets.append("tracking.mlflow=false")
+    budget_s = parse_duration(time_budget)  # a malformed duration is refused before any work
     cfg = load_config(config, sets)
     budget = parse_size(memory_budget) if memory_budget else None
+    _check_inputs(cfg, out, probe_steps, headroom)
     console = Console(stderr=True)
     with ProbeDisplay(console) as display:
         result = run_tune(cfg, objective=objective, budget_bytes=budget, headroom=headroom, rank=rank, out=out,
                           dry_run=True, on_trial=display.update, probe_steps=probe_steps, console=console,
-                          round_bytes=parse_size(round_budget) if round_budget else None)
+                          round_bytes=parse_size(round_budget) if round_budget else None,
+                          time_budget_s=(budget_s or None) if auto and not dry_run else None)
     console.print(display.table())
     for reason in result.reasons:
         console.print(f"• {reason}", highlight=False)
@@ -99,6 +116,28 @@ def tune(
         from lowres.train import run
 
         print_result(Console(), run(result.config, console=console))
+
+
+def _check_inputs(cfg: Any, out: Path, probe_steps: int, headroom: float) -> None:
+    """Everything a user can get wrong, refused (exit 2) before the machine is measured or a probe starts:
+    the data, where the config goes, the tracking URI, the output folder, the numbers."""
+    from lowres.data import read_records
+    from lowres.errors import UsageError
+    from lowres.locks import check_output_dir
+
+    if probe_steps < 1:
+        raise UsageError(f"--probe-steps must be at least 1, got {probe_steps}", hint="the default is 5")
+    if not 0.0 <= headroom < 1.0:
+        raise UsageError(f"--headroom must be in [0, 1), got {headroom}", hint="0.10 keeps 10 % free")
+    if out.is_dir():
+        raise UsageError(f"--write-config {str(out)!r} is a folder", hint="give a file name, e.g. chosen.yaml")
+    check_output_dir(out.parent if str(out.parent) else Path("."), "folder of --write-config")
+    check_output_dir(cfg.output_dir, "output folder")
+    if cfg.tracking.mlflow:
+        from lowres.tracking.uri import check_tracking_uri
+
+        check_tracking_uri(cfg.tracking.mlflow_uri, "tracking URI")
+    read_records(cfg.data)  # DataError: missing, malformed, empty
 
 
 class ProbeDisplay:

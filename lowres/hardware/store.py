@@ -58,7 +58,10 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
 
     path = _resolve(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"hardware profile {path} is not UTF-8 text (byte {exc.start})",
+                          hint="give a YAML file written by `lowres hw --save`") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"hardware profile {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -118,10 +118,19 @@ def write_pending_run(spool_dir: Path, run_id: str, *, experiment: str, run_name
 
 def read_pending_runs(spool_dir: Path) -> dict[str, tuple[Path, dict]]:
     """Pending-run records by local id: (file, record)."""
+    from lowres.errors import DataError
+
     out = {}
     for path in sorted(Path(spool_dir).glob(f"*{PENDING_SUFFIX}")):
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+            rec, why = None, str(exc).splitlines()[0][:120]
+        else:
+            why = "it holds no run_id"
+        if not isinstance(rec, dict) or not isinstance(rec.get("run_id"), str):
+            raise DataError(f"pending-run file {str(path)!r} in the spool is damaged ({why}); nothing was uploaded",
+                            hint="move it out of the spool (its run's figures stay there) and sync again")
         out[rec["run_id"]] = (path, rec)
     return out
 

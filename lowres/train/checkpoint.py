@@ -111,8 +111,33 @@ def read_meta(path: str | Path) -> dict:
     try:
         return json.loads((Path(path) / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}",
+        raise CheckpointError(f"checkpoint file {str(Path(path) / STATE_FILE)!r} cannot be read: {exc}",
                               hint="delete it to start over, or resume from an older one") from None
+
+
+def check_safetensors(file: str | Path, what: str = "adapter file", hint: str | None = None) -> list[str]:
+    """The tensor names in a safetensors file; CheckpointError when it is missing, truncated or not safetensors.
+    Cheap: the header and the file size are checked, no tensor is read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # SafetensorError (truncated, bad header), OSError (missing, unreadable)
+        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200]
+        raise CheckpointError(f"{what} {str(file)!r} cannot be read: {why}", hint=hint) from None
+
+
+def check_loadable(path: str | Path) -> None:
+    """CheckpointError unless every file of checkpoint ``path`` is whole — before any model loads."""
+    import zipfile
+
+    path = Path(path)
+    hint = "delete that folder; --resume then takes the one before it"
+    check_safetensors(path / "adapter_model.safetensors", "checkpoint file", hint)
+    for name in ("optimizer.pt", "trainer_state.pt"):
+        if not zipfile.is_zipfile(path / name):  # torch.save writes a zip archive
+            raise CheckpointError(f"checkpoint file {str(path / name)!r} is missing or damaged", hint=hint)
 
 
 def check_compatible(meta: dict, config_hash: str, path: str | Path) -> None:

@@ -93,6 +93,10 @@ def find_run(path: str | Path) -> TrainedRun:
     if missing:
         raise CheckpointError(f"{str(p)!r} is not a finished lowres run: missing {', '.join(missing)}",
                               hint="give the --output-dir of a `lowres train` run that reached its last step")
+    from lowres.train.checkpoint import check_safetensors
+
+    check_safetensors(run.adapter_dir / "adapter_model.safetensors", "adapter file",  # before any model loads
+                      hint="the run's adapter is damaged: export it again from a checkpoint, or retrain")
     return run
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lowres.errors import DataError
+from lowres.errors import DataError, UsageError
 from lowres.train.evaluation import TrainedRun, evaluate, load_trained
 
 
@@ -19,16 +19,20 @@ def evaluate_run(run: TrainedRun, data: str | None, max_batches: int | None, ove
     """Loss and perplexity of the run's adapter: on all of ``data`` when given, else on the run's eval split
     (the same seeded split the run held out)."""
     from lowres.config import load_config
-    from lowres.data import build_data
+    from lowres.data import build_data, read_records
 
+    if max_batches is not None and max_batches < 1:
+        raise UsageError(f"--batches must be at least 1, got {max_batches}", hint="leave it out to use every batch")
     cfg = load_config(run.config_path, overrides, use_env=False)
+    data_cfg = cfg.data.model_copy(update={"path": data, "eval_fraction": 0.0}) if data else cfg.data
+    records = read_records(data_cfg)  # DataError (missing, malformed, empty) before the model loads
     device = _device()
     model, tokenizer, rp = load_trained(run, cfg, device)
     if data:
-        bundle = build_data(cfg.data.model_copy(update={"path": data, "eval_fraction": 0.0}), tokenizer, cfg.train.seed)
+        bundle = build_data(data_cfg, tokenizer, cfg.train.seed, records=records)
         blocks, where = bundle.train, data
     else:
-        blocks, where = build_data(cfg.data, tokenizer, cfg.train.seed).eval, "the run's eval split"
+        blocks, where = build_data(cfg.data, tokenizer, cfg.train.seed, records=records).eval, "the run's eval split"
     result = evaluate(model, blocks, cfg.train.batch_size, cfg.train.loss_chunk_tokens, max_batches, rp, device)
     if result is None:
         raise DataError(f"{where} has no tokens to evaluate on",
@@ -64,15 +68,28 @@ def evaluate_base(model_name: str, data: str, max_batches: int | None, seq_len: 
     return dict(result, data=data, model=model_name, weights=loc.kind)
 
 
+def check_export(run: TrainedRun, out: str | Path) -> Path:
+    """UsageError (exit 2) for an export folder that is a file, not writable, or inside the run folder (the
+    export would overwrite or nest into the run's own files); the folder as a Path."""
+    from lowres.locks import check_output_dir
+
+    out = check_output_dir(out, "export folder --output")
+    root = run.root.resolve()
+    if out.resolve() == root or root in out.resolve().parents:
+        raise UsageError(f"export folder --output {str(out)!r} is inside the run folder {str(run.root)!r}",
+                         hint="export next to the run, e.g. --output export/ (the run's own files stay as they are)")
+    return out
+
+
 def export_run(run: TrainedRun, out: str | Path, merge: bool) -> list[str]:
     """Copy the adapter and tokenizer to ``out``; with ``merge``, write base + LoRA merged as one model in
     safetensors instead (the base loaded unquantized: LoRA merged into 4-bit weights would be rounded away)."""
     from lowres.config import load_config
 
-    out = Path(out)
+    out = check_export(run, out)
+    cfg = load_config(run.config_path, use_env=False) if merge else None  # a bad config.yaml: before any write
     out.mkdir(parents=True, exist_ok=True)
     if merge:
-        cfg = load_config(run.config_path, use_env=False)
         model, tokenizer, _ = load_trained(run, cfg, "cpu", quantized=False)
         merged = model.merge_and_unload()
         merged.save_pretrained(str(out), safe_serialization=True)
