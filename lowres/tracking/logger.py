@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lowres.tracking import runs, spool
-from profiler.sinks.mlflow import resolve_tracking_uri
+from profiler.sinks.mlflow import redact_uri, resolve_tracking_uri, scrub, strip_credentials
 
 log = logging.getLogger("lowres.tracking")
 
@@ -41,7 +41,8 @@ def server_alive(tracking_uri: str, timeout_s: float = 2.0) -> bool:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+        url = strip_credentials(tracking_uri).split("?", 1)[0].rstrip("/") + "/health"  # /health needs no login
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
             return r.status == 200
     except Exception:  # refused, timed out, DNS, TLS: all mean "not now"
         return False
@@ -59,6 +60,8 @@ class SpoolingLogger:
                  timeout_s: float = 5.0, retry_after_s: float = 30.0):
         self.run_id = run_id
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.stored_uri = strip_credentials(self.tracking_uri)  # what spool records carry: no secrets
+        self.shown_uri = redact_uri(self.tracking_uri)  # what messages show
         self.spool_dir = Path(spool_dir) if spool_dir else spool.default_spool_dir()
         self.spool_path = self.spool_dir / f"{run_id}{spool.LOWRES_SUFFIX}"
         self.timeout_s = timeout_s
@@ -93,11 +96,11 @@ class SpoolingLogger:
                                         tier=tier, config=config, tags=tags)
                 return cls(handle.run_id, uri, spool_dir=sdir, timeout_s=timeout_s, retry_after_s=retry_after_s)
             except Exception as exc:  # refused (auth), server error: the run goes on locally
-                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                error = f"{type(exc).__name__}: {scrub(str(exc), uri)[:300]}"
         all_tags = {**runs.standard_tags(fingerprint=fingerprint, tier=tier, config=config), **(tags or {})}
         run_id = spool.new_local_run_id()
         spool.write_pending_run(sdir, run_id, experiment=experiment, run_name=run_name, tags=all_tags,
-                                tracking_uri=uri)
+                                tracking_uri=strip_credentials(uri))
         logger = cls(run_id, uri, spool_dir=sdir, timeout_s=timeout_s, retry_after_s=retry_after_s)
         logger._warn(error or "no answer from /health")
         return logger
@@ -112,45 +115,45 @@ class SpoolingLogger:
         """Log ``(key, value, timestamp ms, step)`` points of any number of steps in one request (at most 1000,
         MLflow's limit): the recipe's metrics thread sends many steps at once this way."""
         points = [(k, float(v), int(t), int(s)) for k, v, t, s in points]
-        records = [spool.metric_record(self.run_id, k, v, t, s, self.tracking_uri) for k, v, t, s in points]
+        records = [spool.metric_record(self.run_id, k, v, t, s, self.stored_uri) for k, v, t, s in points]
         return self._deliver(records, lambda: self._log_batch(metrics=points))
 
     def log_params(self, params: Mapping[str, Any]) -> bool:
         """Log a (nested) dict of params, flattened to dotted keys as ``runs.log_params`` does."""
         flat = runs.flatten(params)
         records = [{"kind": spool.PARAM, "run_id": self.run_id, "key": k, "value": v,
-                    "tracking_uri": self.tracking_uri} for k, v in flat.items()]
+                    "tracking_uri": self.stored_uri} for k, v in flat.items()]
         return self._deliver(records, lambda: self._log_batch(params=list(flat.items())))
 
     def set_tags(self, tags: Mapping[str, Any]) -> bool:
         """Set tags (overwriting equal keys, so a replay is harmless)."""
         items = [(k, str(v)) for k, v in tags.items()]
         records = [{"kind": spool.TAG, "run_id": self.run_id, "key": k, "value": v,
-                    "tracking_uri": self.tracking_uri} for k, v in items]
+                    "tracking_uri": self.stored_uri} for k, v in items]
         return self._deliver(records, lambda: self._log_batch(tags=items))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> bool:
         """Upload a file; if the server cannot take it, a copy waits in the spool."""
         def send():
             if _is_http(self.tracking_uri) and not server_alive(self.tracking_uri, self.timeout_s):
-                raise ConnectionError(f"{self.tracking_uri}/health did not answer within {self.timeout_s} s")
+                raise ConnectionError(f"{self.shown_uri}/health did not answer within {self.timeout_s} s")
             runs.client(self.tracking_uri).log_artifact(self.run_id, str(local_path), artifact_path)
 
         def record():
             rec = spool.spool_artifact(self.spool_dir, self.run_id, local_path, artifact_path)
-            return [{**rec, "tracking_uri": self.tracking_uri}]
+            return [{**rec, "tracking_uri": self.stored_uri}]
         return self._deliver(record, send)
 
     def end(self, status: str = "FINISHED") -> bool:
         """Mark the run FINISHED (or FAILED / KILLED); spooled like the rest if the server is away."""
         end_time = int(time.time() * 1000)
         records = [{"kind": spool.END, "run_id": self.run_id, "status": status, "end_time": end_time,
-                    "tracking_uri": self.tracking_uri}]
+                    "tracking_uri": self.stored_uri}]
         return self._deliver(records, lambda: self._update_run(status, end_time))
 
     def describe(self) -> dict:
         """What was sent and spooled, and where."""
-        return {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "pending": self.pending,
+        return {"run_id": self.run_id, "tracking_uri": self.shown_uri, "pending": self.pending,
                 "sent": self.sent, "spooled": self.spooled, "failures": self.failures,
                 "spool_path": str(self.spool_path), "last_error": self.last_error}
 
@@ -168,7 +171,7 @@ class SpoolingLogger:
                     return True
                 except Exception as exc:  # unreachable, timed out, refused: spool and carry on
                     self.failures += 1
-                    self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    self.last_error = f"{type(exc).__name__}: {scrub(str(exc), self.tracking_uri)[:300]}"
                     self._retry_at = time.monotonic() + self.retry_after_s
                     self._warn(self.last_error)
             try:
@@ -179,7 +182,8 @@ class SpoolingLogger:
 
     def _warn(self, why: str) -> None:
         if self.warning is None:
-            self.warning = (f"lowres: MLflow at {self.tracking_uri} cannot take run {self.run_id} ({why}); "
+            self.warning = (f"lowres: MLflow at {self.shown_uri} cannot take run {self.run_id} "
+                            f"({scrub(why, self.tracking_uri)}); "
                             f"the run goes on and its figures are spooled to {self.spool_dir} — "
                             "`lowres sync` uploads them later")
             log.warning(self.warning)

@@ -51,6 +51,69 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return "sqlite:///" + str(Path.cwd() / "mlflow.db")
 
 
+_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "token", "secret", "key", "access_token", "api_key")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` as it may be shown: a password in ``user:password@`` or a secret query parameter becomes ``***``.
+
+    Credentials belong in the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN); one typed into a URI must
+    still never reach a console, a log, a spool file or an MLflow tag.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable URI>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_QUERY_KEYS for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/:")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def scrub(text: str, uri: str) -> str:
+    """``text`` (an error message that may quote ``uri``) with ``uri``'s secrets replaced by ``***``."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return text
+    secrets = [v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_QUERY_KEYS]
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        secrets.append(userinfo.split(":", 1)[1] if ":" in userinfo else userinfo)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***").replace(unquote(secret), "***")
+    return text
+
+
+def strip_credentials(uri: str) -> str:
+    """``uri`` as it may be stored (spool files): without ``user:password@`` and secret query parameters, so
+    ``lowres sync`` reaches the same server with the environment's credentials."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                       if k.lower() not in _SECRET_QUERY_KEYS]) if parts.query else ""
+    if netloc == parts.netloc and query == parts.query:
+        return uri
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 def default_spool_path(run_id: str) -> Path:
     """Where a run's unsent MLflow points go: ``.lowres/spool/<run_id>.mlflow.jsonl`` in the working dir."""
     return Path.cwd() / ".lowres" / "spool" / f"{run_id}.mlflow.jsonl"
@@ -231,7 +294,7 @@ class MlflowSink:
         except Exception as exc:  # unreachable, locked, refused: spool and carry on
             if not self._abandoned:  # close() already counted a request it gave up on
                 self.failures += 1
-            self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.last_error = f"{type(exc).__name__}: {scrub(str(exc), self.tracking_uri)[:300]}"
             self._retry_at = time.monotonic() + RETRY_AFTER_S
             return False
         self.sent_points += len(points)
@@ -241,16 +304,16 @@ class MlflowSink:
         """Append points to the spool file (caller holds the lock); warn once, naming the file."""
         try:
             append_jsonl(self.spool_path, ({"run_id": self.run_id, "key": key, "value": value, "timestamp": ts,
-                                            "step": step, "tracking_uri": self.tracking_uri}
+                                            "step": step, "tracking_uri": strip_credentials(self.tracking_uri)}
                                            for key, value, ts, step in points))
         except OSError as exc:
             log.error("lowres: could not spool %d MLflow points to %s: %s", len(points), self.spool_path, exc)
             return
         self.spooled_points += len(points)
         if self.warning is None:
-            self.warning = (f"lowres: MLflow at {self.tracking_uri} is unreachable ({why}); the run goes on and "
-                            f"metrics of run {self.run_id} are spooled to {self.spool_path} — "
-                            "`lowres sync` uploads them later")
+            self.warning = (f"lowres: MLflow at {redact_uri(self.tracking_uri)} is unreachable "
+                            f"({scrub(why, self.tracking_uri)}); the run goes on and metrics of run {self.run_id} "
+                            f"are spooled to {self.spool_path} — `lowres sync` uploads them later")
             log.warning(self.warning)
             warnings.warn(self.warning, RuntimeWarning, stacklevel=2)
 
@@ -283,7 +346,7 @@ class MlflowSink:
 
     def describe(self) -> dict:
         """Which run, which store, and what was sent or spooled."""
-        return {"kind": "mlflow", "run_id": self.run_id, "tracking_uri": self.tracking_uri,
+        return {"kind": "mlflow", "run_id": self.run_id, "tracking_uri": redact_uri(self.tracking_uri),
                 "interval_s": self.interval_s, "windows": self.windows, "sent_points": self.sent_points,
                 "spooled_points": self.spooled_points, "failures": self.failures,
                 "spool_path": str(self.spool_path)}
