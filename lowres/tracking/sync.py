@@ -20,6 +20,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import logging
+
 from lowres.errors import LowresError
 from lowres.tracking import runs, spool
 from lowres.tracking.logger import server_alive
@@ -28,6 +30,7 @@ from profiler.sinks.mlflow import resolve_tracking_uri
 # MLflow's limits per log_batch (mlflow/utils/validation.py)
 BATCH_LIMITS = {spool.METRIC: 1000, spool.PARAM: 100, spool.TAG: 100}
 MARKER_SUFFIX = ".synced"
+log = logging.getLogger("lowres.sync")
 
 
 class TrackingUnavailable(LowresError):
@@ -59,7 +62,8 @@ class SyncReport:
                 + self.artifacts_uploaded + self.runs_ended)
 
 
-def sync(spool_dir: str | Path | None = None, tracking_uri: str | None = None, dry_run: bool = False) -> SyncReport:
+def sync(spool_dir: str | Path | None = None, tracking_uri: str | None = None, dry_run: bool = False,
+         lock_wait_s: float = 600.0) -> SyncReport:
     """Upload every spool file in ``spool_dir`` (default ``.lowres/spool``).
 
     Records go to ``tracking_uri`` if given, else to the server each record was meant for. Raises
@@ -69,10 +73,21 @@ def sync(spool_dir: str | Path | None = None, tracking_uri: str | None = None, d
     sdir = Path(spool_dir) if spool_dir else spool.default_spool_dir()
     syncer = _Syncer(sdir, tracking_uri, SyncReport(dry_run=dry_run))
     if sdir.is_dir():
-        syncer.pending_runs()
-        for path in sorted(sdir.glob("*.jsonl")):
-            syncer.file(path)
+        # One sync per spool at a time: a second one waits, then finds everything uploaded (two at once could
+        # create a pending run twice, or upload a file's points twice between reading and writing its marker).
+        with _spool_lock(sdir, lock_wait_s):
+            syncer.pending_runs()
+            for path in sorted(sdir.glob("*.jsonl")):
+                syncer.file(path)
     return syncer.report
+
+
+def _spool_lock(sdir: Path, wait_s: float):
+    from lowres.locks import FolderLock
+
+    lock = FolderLock(sdir, "spool", name=".sync.lock",
+                      hint="another `lowres sync` is uploading it; run this one again when it has finished")
+    return lock.acquire(wait_s, on_wait=lambda holder: log.warning("waiting for %s to finish its sync", holder))
 
 
 class _Syncer:

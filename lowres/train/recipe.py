@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from lowres.config import RunConfig
+from lowres.locks import check_output_dir
+from lowres.tracking.uri import check_tracking_uri
 from lowres.train import checkpoint as ckpt
 from lowres.train.evaluation import autocast_context, evaluate
 from lowres.train.loss import IGNORE_INDEX, causal_lm_loss, shift_labels
@@ -78,6 +80,7 @@ class Recipe:
         self._last_checkpoint: Path | None = None
         self._eval: dict | None = None
         self._eval_base: dict | None = None
+        self._lock = None
 
     # ------------------------------------------------------------------ setup: checks first, then loading
     def setup(self) -> "Recipe":
@@ -91,16 +94,20 @@ class Recipe:
         # Threads: the CPUs this process may actually use (cgroup quota, affinity), not os.cpu_count().
         torch.set_num_threads(cfg.train.threads or usable_cpus())
         self.config_hash = cfg.config_hash()
-        resume_from = self._find_checkpoint()  # CheckpointError (another config) before any work
+        check_output_dir(self.out)  # UsageError: a file, under a file, read-only — nothing created yet
+        if cfg.tracking.mlflow:
+            check_tracking_uri(cfg.tracking.mlflow_uri, "tracking.mlflow_uri")  # UsageError: unknown scheme
+        resume_from = self._find_checkpoint()  # CheckpointError (another config, damaged) before any work
+        records = read_records(cfg.data)  # DataError: missing, malformed (with line), empty
         self.loc = locate_weights(cfg.model)  # ModelError: unknown model offline
         if self.loc.pretrained:
             self.console.print(f"weights: {self.loc.describe()}", highlight=False)
         check_max_length(self.loc.spec, cfg.data.max_length)  # ConfigError: longer than the model's positions
-        self._say("setup: detecting the machine, reading the data …")
+        self._say("setup: detecting the machine …")
         self.hw = detect(probe_bnb=cfg.precision.quant != "none")
         self.precision = resolve_precision(cfg.precision, self.hw, self.device)  # UnsupportedError
         check_optimizer(cfg.train, self.device)  # UnsupportedError: a paged optimizer without CUDA
-        records = read_records(cfg.data)  # DataError: missing, malformed (with line), empty
+        self._own_output_dir(resume_from)  # every input is good: lock the folder, then clear an older run's
         self.tokenizer, tokenizer_source = self._tokenizer(records, resume_from)
         self.data = build_data(cfg.data, self.tokenizer, cfg.train.seed, records=records)
 
@@ -142,20 +149,31 @@ class Recipe:
             self.console.print(f"[dim]{text}[/]", highlight=False, soft_wrap=True)
 
     def _find_checkpoint(self) -> Path | None:
+        """The checkpoint --resume continues from (checked whole and of this config), or None. Deletes nothing."""
         root = ckpt.checkpoints_dir(self.out)
-        found = ckpt.latest_checkpoint(root)
         if not self.resume:
-            if found is not None:
-                # A fresh run in a folder with an older run's checkpoints: --resume would later mix them up.
-                shutil.rmtree(root)
-                self.console.print(f"note: starting afresh; removed earlier checkpoints in {root} "
-                                   "(use --resume to continue them)", highlight=False)
             return None
+        found = ckpt.latest_checkpoint(root)
         if found is None:
             self.console.print(f"note: --resume found no checkpoint in {root}; starting afresh", highlight=False)
             return None
         ckpt.check_compatible(ckpt.read_meta(found), self.config_hash, found)
+        ckpt.check_loadable(found)  # a truncated adapter or optimizer file: refused before the model loads
         return found
+
+    def _own_output_dir(self, resume_from: Path | None) -> None:
+        """Lock the output folder for this run (LockedError naming the holder when another process writes
+        there); a fresh run then removes an older run's checkpoints, which --resume would later mix up."""
+        from lowres.locks import FolderLock
+
+        self._lock = FolderLock(self.out, "output folder",
+                                hint="wait for that run to finish, or give this one another --output folder")
+        self._lock.acquire()
+        root = ckpt.checkpoints_dir(self.out)
+        if resume_from is None and ckpt.latest_checkpoint(root) is not None:
+            shutil.rmtree(root)
+            self.console.print(f"note: starting afresh; removed earlier checkpoints in {root} "
+                               "(use --resume to continue them)", highlight=False)
 
     def _tokenizer(self, records: list[dict], resume_from: Path | None):
         from lowres.data import render_texts
@@ -239,7 +257,7 @@ class Recipe:
 
             http = tracker.tracking_uri.startswith(("http://", "https://"))
             if http and not server_alive(tracker.tracking_uri, tracker.timeout_s):
-                raise ConnectionError(f"{tracker.tracking_uri}/health did not answer")
+                raise ConnectionError(f"{tracker.shown_uri}/health did not answer")
             runs.start_run(t.experiment, run_id=run_id, tracking_uri=tracker.tracking_uri, **kw)
             return tracker, True
         except Exception as exc:  # the server is away: tags wait in the spool like every other figure
@@ -343,13 +361,44 @@ class Recipe:
             lr = self.scheduler.get_last_lr()[0]
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-            self.optimizer.step()
-            self.scheduler.step()
+            finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+            if finite:  # a non-finite step never reaches the weights (see _bad_step)
+                self.optimizer.step()
+                self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            self._bad_step(loss_sum, grad_norm)
         seconds = time.perf_counter() - t0
-        return {"loss": loss_sum, "learning_rate": lr, "grad_norm": grad_norm, "tokens": tokens,
+        return {"loss": loss_sum, "skipped": not finite, "learning_rate": lr, "grad_norm": grad_norm, "tokens": tokens,
                 "step_seconds": seconds, "tokens_per_second": tokens / seconds,
                 "peak_memory_bytes": timer.peak_bytes, **{f"{k}_seconds": v for k, v in timer.seconds.items()}}
+
+    def _bad_step(self, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradient is NaN/Inf was skipped (no optimizer or scheduler step); after
+        ``train.max_bad_steps`` of them the run stops with NonFiniteError — nothing non-finite is saved."""
+        from lowres.errors import NonFiniteError
+
+        self.bad_steps = getattr(self, "bad_steps", 0) + 1
+        t = self.cfg.train
+        what = f"step {self.step + 1}: loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+        if self.bad_steps > t.max_bad_steps:
+            raise NonFiniteError(
+                f"training diverged at {what} ({self.bad_steps} non-finite step(s), train.max_bad_steps="
+                f"{t.max_bad_steps}); stopped, and no adapter or checkpoint of it was saved",
+                hint=f"lower the learning rate (train.lr={t.lr:g}), keep clipping on (train.max_grad_norm="
+                     f"{t.max_grad_norm}), or compute in fp32 (--precision fp32)")
+        self.console.print(f"warning: skipped {what} ({self.bad_steps} of train.max_bad_steps={t.max_bad_steps})",
+                           highlight=False)
+
+    def _check_finite_adapter(self) -> None:
+        """NonFiniteError before a NaN/Inf adapter could be written to a checkpoint, the run folder or MLflow."""
+        from lowres.errors import NonFiniteError
+
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteError(f"the adapter holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}) at "
+                                 f"step {self.step}; nothing was saved",
+                                 hint=f"lower the learning rate (train.lr={self.cfg.train.lr:g}) or keep clipping on")
 
     def _report(self, record: dict, bar: TrainProgress) -> None:
         """Figures of the step just done → history, MLflow (queued), profiler sinks, progress bar."""
@@ -361,13 +410,15 @@ class Recipe:
                     *(f"{p}_seconds" for p in PHASES))
             # memory in megabytes (10^6), MLflow's unit for its own system metrics: its charts show raw bytes
             # as unreadable 1.2e9s
-            self.logger.log({f"train/{k}": record[k] for k in keys if k in record}
+            # a skipped (non-finite) step logs no loss or gradient norm: NaN would spoil every chart of the run
+            self.logger.log({f"train/{k}": record[k] for k in keys if k in record and math.isfinite(record[k])}
                             | {"train/peak_memory_megabytes": record["peak_memory_bytes"] / 1e6}, self.step)
         if self.prof:
             for name, key in (("lowres_train_loss", "loss"), ("lowres_train_tokens_per_second", "tokens_per_second"),
                               ("lowres_train_step_seconds", "step_seconds"), ("lowres_train_mfu_ratio", "mfu_ratio"),
                               ("lowres_train_learning_rate", "learning_rate")):
-                self.prof.record(name, record[key])
+                if math.isfinite(record[key]):
+                    self.prof.record(name, record[key])
             self.prof.record("lowres_train_steps_total", self.step)
         bar.update(self.step, record["loss"], record["tokens_per_second"], record["peak_memory_bytes"])
 
@@ -405,6 +456,7 @@ class Recipe:
                             self.step)
 
     def _save_checkpoint(self) -> None:
+        self._check_finite_adapter()
         if self.logger:
             # Every step up to the checkpoint must be in the store before the checkpoint exists: a resume
             # starts after it and never logs those steps again.
@@ -417,6 +469,7 @@ class Recipe:
     def _save_final(self) -> None:
         """The adapter beside config.yaml and tokenizer/; all three logged to the MLflow run."""
         adapter = self.out / "adapter"
+        self._check_finite_adapter()
         self.model.save_pretrained(str(adapter), safe_serialization=True)
         if self.tracker is not None:  # folders become artifacts adapter/… and tokenizer/…
             self.tracker.log_artifact(adapter)
@@ -441,7 +494,16 @@ class Recipe:
             history=self.history, info=dict(self.info, roofline_source=self.roofline.source))
 
     def cleanup(self, status: str = "FINISHED") -> dict | None:
-        """Stop the profiler, flush metrics, close the MLflow run with ``status``; the profile summary."""
+        """Stop the profiler, flush metrics, close the MLflow run with ``status``; the profile summary. The
+        output folder's lock is released last, whatever happens here."""
+        try:
+            return self._cleanup(status)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _cleanup(self, status: str) -> dict | None:
         summary = None
         if self.prof is not None:
             summary = self.prof.stop().to_dict()
@@ -466,7 +528,7 @@ class Recipe:
         if not t.spooled:
             return
         why = "the run was started while it was unreachable" if t.pending else f"last error: {t.last_error}"
-        self.console.print(f"warning: MLflow at {t.tracking_uri} did not take everything ({why}); {points} metric "
+        self.console.print(f"warning: MLflow at {t.shown_uri} did not take everything ({why}); {points} metric "
                            f"points and {t.spooled - points} other records of run {t.run_id} are spooled in "
                            f"{t.spool_dir} — run `lowres sync` when the server is back", highlight=False)
 
