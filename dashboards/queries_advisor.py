@@ -80,9 +80,19 @@ def run_config_yaml(model: str, candidate: dict[str, Any], output_dir: str) -> s
     return cfg.to_yaml()
 
 
-def write_run_config(path: str, text: str) -> Path:
-    """Write the Advisor's RunConfig YAML to ``path`` (folders created); the one write the dashboard makes."""
+def write_run_config(path: str, text: str, runs_dir: str | Path) -> Path:
+    """Write the Advisor's RunConfig YAML to ``path`` (folders created); the one write the dashboard makes.
+
+    Only inside ``runs_dir``, the runs folder `lowres dash` was started with (a relative ``path`` is taken
+    relative to it), and only a .yaml/.yml file: a page anyone on the port can reach must not write anywhere
+    else. ValueError otherwise, saying where it may write."""
+    root = Path(runs_dir).expanduser().resolve()
     out = Path(path).expanduser()
+    out = (out if out.is_absolute() else root / out).resolve()  # resolve(): no ../ or symlink way out
+    if root not in out.parents:
+        raise ValueError(f"{path!r} is outside the runs folder {root}; the dashboard writes only there")
+    if out.suffix.lower() not in (".yaml", ".yml"):
+        raise ValueError(f"{path!r} is not a .yaml file")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    return out.resolve()
+    return out

@@ -71,6 +71,9 @@ def _series_name(labels: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- Prometheus
 def _prom_get(base: str, path: str, params: dict[str, str], timeout: float = 5.0) -> Any:
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:  # file:// would read (and show) local files
+        raise ValueError(f"the Prometheus URL must be http(s)://HOST:PORT, got scheme {parts.scheme!r}")
     url = f"{base}{path}?{urllib.parse.urlencode(params)}"
     with urllib.request.urlopen(url, timeout=timeout) as r:
         body = json.load(r)

@@ -77,8 +77,12 @@ def test_advisor_estimates_and_writes_the_run_config(store_env, tmp_path):
     grid = at.dataframe[0].value
     assert {"precision", "quant", "rank", "largest batch"} <= set(grid.columns) and len(grid) >= 4
 
-    target = tmp_path / "cfg" / "advised.yaml"
-    at.text_input(key="adv_path").set_value(str(target))
+    outside = tmp_path / "elsewhere" / "advised.yaml"  # the page writes only under its runs folder
+    at.text_input(key="adv_path").set_value(str(outside))
+    at.button(key="adv_write").click().run()
+    assert not outside.exists() and any("outside the runs folder" in e.value for e in at.error)
+    target = (store_env.runs_dir / "cfg" / "advised.yaml").resolve()
+    at.text_input(key="adv_path").set_value("cfg/advised.yaml")
     at.button(key="adv_write").click().run()
     _ok(at, "advisor")
     assert any(str(target) in s.value for s in at.success)

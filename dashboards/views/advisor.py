@@ -7,6 +7,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+import queries
 import queries_advisor
 from lowres.cli.advise import TERM_LABELS
 
@@ -107,11 +108,15 @@ st.dataframe(pd.DataFrame(adv["grid"]), hide_index=True)
 st.subheader("Write this RunConfig")
 slug = f"{model}-{est['candidate']['compute']}-{quant}-r{rank}-b{batch}".lower()
 yaml_text = queries_advisor.run_config_yaml(model, candidate, output_dir=f"runs/{slug}")
-path = st.text_input("File", value=f"configs/runs/advisor-{slug}.yaml", key="adv_path")
+path = st.text_input(f"File (inside the runs folder {queries.runs_dir()})", value=f"advisor-{slug}.yaml",
+                     key="adv_path")
 cols = st.columns([1, 1, 4])
 if cols[0].button("Write RunConfig", key="adv_write"):
-    written = queries_advisor.write_run_config(path, yaml_text)
-    st.success(f"wrote {written} — run it with `lowres train {written}`")
+    try:
+        written = queries_advisor.write_run_config(path, yaml_text, queries.runs_dir())
+        st.success(f"wrote {written} — run it with `lowres train {written}`")
+    except ValueError as exc:
+        st.error(str(exc))
 cols[1].download_button("Download", yaml_text, file_name=f"advisor-{slug}.yaml", mime="text/yaml")
 with st.expander("RunConfig YAML"):
     st.code(yaml_text, language="yaml")
