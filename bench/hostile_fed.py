@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  honest only, 2 rounds: server RSS rise {base['rss_rise_mb']:.1f} MiB, tracemalloc peak "
               f"{base['traced_peak_mb']:.1f} MiB, cosine {', '.join(f'{c:.4f}' for c in base['cosines'])}", flush=True)
         if not args.quick:
-            print(f"\n{'crafted reply':<30} {'outcome':<9} {'cosine':>7} {'RSS MiB':>8} {'peak MiB':>8}  server's record")
+            print(f"\n{'crafted reply':<30} {'outcome':<9} {'cosine':>7} {'RSS MiB':>8} {'peak MiB':>8}  "
+                  "server's record")
             for i, name in enumerate(names):
                 r = run(Path(tmp) / f"one-{i}", [name], 1)
                 rss.append(r["rss_rise_mb"])
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                            "accepted (weight capped)" if not r["crashed"] else r["crashed"])
                 outcome = "CRASHED" if r["crashed"] else "CAPTURED" if name in captured else "ok"
                 print(f"{name:<30} {outcome:<9} {cos:7.4f} {r['rss_rise_mb']:8.1f} {r['traced_peak_mb']:8.1f}  "
-                      f"{why[:90]}", flush=True)
+                      f"{why.replace('base_model.model.model.', '')[:100]}", flush=True)
         print()
         for agg in ("fedavg", "median", "trimmed_mean"):
             r = run(Path(tmp) / f"all-{agg}", names, 2, *([f"strategy.aggregator={agg}"] if agg != "fedavg" else []))

@@ -91,5 +91,5 @@ def test_the_check_sees_an_undeclared_import(tmp_path):
                                         "    try:\n        from pygments.lexers import x\n    except ImportError:\n"
                                         "        import no_such_package_anywhere\n")
     undeclared, unknown = check(tmp_path, ("pkg",))
-    assert list(undeclared) == ["pygments (from pygments)"] and undeclared["pygments (from pygments)"] == ["pkg/sub/mod.py:8"]
+    assert undeclared == {"pygments (from pygments)": ["pkg/sub/mod.py:8"]}
     assert list(unknown) == ["no_such_package_anywhere"]

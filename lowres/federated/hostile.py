@@ -295,7 +295,8 @@ class HostileGrid(LocalGrid):
             got = []
             for r in replies:
                 if not r.has_error():
-                    got.append((decode(from_arrayrecord(r.content[ARRAYS_KEY])), float(r.content[METRICS_KEY]["num_examples"])))
+                    delta = decode(from_arrayrecord(r.content[ARRAYS_KEY]))
+                    got.append((delta, float(r.content[METRICS_KEY]["num_examples"])))
             self.honest_updates.append(got)
             total = sum(w for _, w in got)
             mean = {n: sum(w * d[n] for d, w in got) / total for n in got[0][0]}

@@ -209,7 +209,8 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
                 updates.append(update)
                 metrics.append(m)
             except Exception as exc:
-                failed.append({"round": rnd, "client": who, "reason": f"bad reply: {short_reason(exc)}", "rejected": True})
+                failed.append({"round": rnd, "client": who, "reason": f"bad reply: {short_reason(exc)}",
+                               "rejected": True})
         for n in sample:
             if n not in answered:
                 monitor.unanswered(known[n]["client"], sent[n])
