@@ -36,6 +36,11 @@ class FedRecipe(Recipe):
     each train a different one and their token ids would mean different things. The server trains one on the
     federation's data and clients read it from ``tokenizer_dir``. Pretrained models bring their own."""
 
+    # A simulated client's state is cached per worker process, and Ray may hand the same client to another
+    # worker in a later round: both then hold a recipe on the client's folder. The server's round loop, not a
+    # folder lock, keeps one client's rounds apart.
+    owns_output_dir = False
+
     def __init__(self, cfg: RunConfig, tokenizer_dir: str | None, **kw: Any):
         super().__init__(cfg, **kw)
         self.tokenizer_dir = tokenizer_dir

@@ -66,6 +66,8 @@ class TrainResult:
 class Recipe:
     """A LoRA fine-tune of one RunConfig; see the module docstring for the two ways to drive it."""
 
+    owns_output_dir = True  # lock the output folder for the run (federated clients share theirs: see FedRecipe)
+
     def __init__(self, cfg: RunConfig, *, resume: bool = False, console: Any = None, progress: bool = True,
                  device: str | None = None):
         from rich.console import Console
@@ -166,9 +168,10 @@ class Recipe:
         there); a fresh run then removes an older run's checkpoints, which --resume would later mix up."""
         from lowres.locks import FolderLock
 
-        self._lock = FolderLock(self.out, "output folder",
-                                hint="wait for that run to finish, or give this one another --output folder")
-        self._lock.acquire()
+        if self.owns_output_dir:
+            self._lock = FolderLock(self.out, "output folder",
+                                    hint="wait for that run to finish, or give this one another --output folder")
+            self._lock.acquire()
         root = ckpt.checkpoints_dir(self.out)
         if resume_from is None and ckpt.latest_checkpoint(root) is not None:
             shutil.rmtree(root)
