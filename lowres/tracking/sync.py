@@ -149,7 +149,7 @@ class _Syncer:
             exp_id = exp.experiment_id
         else:
             exp_id = c.create_experiment(rec["experiment"], artifact_location=runs._artifact_location(
-                self.uri(rec), rec["experiment"]))
+                self.uri(rec), rec["experiment"]), tags=dict([runs.EXPERIMENT_KIND_TAG]))
         tags = {**rec.get("tags", {}), spool.TAG_LOCAL_RUN_ID: rec["run_id"]}
         run = c.create_run(exp_id, start_time=rec.get("start_time"), tags=tags, run_name=rec.get("run_name"))
         return run.info.run_id
