@@ -154,14 +154,22 @@ class ProbeDisplay:
     def __exit__(self, *exc: Any) -> None:
         self.status.__exit__(*exc)
 
+    def _say(self, text: str) -> None:
+        # piped (nohup, a log file) a status line is invisible: the same words as a plain line. The inputs
+        # are checked by then, so a bad one still ends in one error line.
+        if self.console.is_terminal:
+            self.status.update(text)
+        else:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
     def update(self, event: str, trial: Any) -> None:
         c = trial.candidate
         name = f"{c.compute}/{c.quant} r{c.lora_rank} batch {c.batch_size}×{trial.grad_accum}"
         if event == "start":
-            self.status.update(f"probe {len(self.rows) + 1}: {name} — predicted "
-                               f"{trial.estimate.peak_bytes / GIB:.2f} GiB, running a few capped steps …")
+            self._say(f"probe {len(self.rows) + 1}: {name} — predicted "
+                      f"{trial.estimate.peak_bytes / GIB:.2f} GiB, running a few capped steps …")
         elif event == "rerun-start":
-            self.status.update(f"probing {name} again: too close to another candidate to call from one probe …")
+            self._say(f"probing {name} again: too close to another candidate to call from one probe …")
         elif event == "rerun-done":
             p = trial.probe
             self.console.print(f"  again: {name}: {p.tokens_per_s or 0:,.0f} tokens/s over both probes "
