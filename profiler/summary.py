@@ -133,7 +133,7 @@ class Summary:
         t = Table(title=f"lowres profile — {self.wall_s:.1f} s", box=box.SIMPLE_HEAD, pad_edge=False)
         t.add_column("metric", overflow="fold")  # a long name folds; the figures beside it stay whole
         for col in ("mean", "p50", "p95", "max"):
-            t.add_column(col, justify="right", no_wrap=True, min_width=9)
+            t.add_column(col, justify="right", no_wrap=True, min_width=8)
         for name, st in self.metrics.items():
             if "{cpu=" in name:
                 continue
