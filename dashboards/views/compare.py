@@ -5,12 +5,14 @@ from __future__ import annotations
 import altair as alt
 import streamlit as st
 
+from profiler.sinks.mlflow import redact_uri
+
 import queries
 
 st.title("Compare")
 uri = queries.mlflow_uri()
 runs = queries.training_runs(uri)
-st.caption(f"MLflow: `{uri}` · tokens/s and MFU leave out each run's warm-up steps, as `lowres train` reports")
+st.caption(f"MLflow: `{redact_uri(uri)}` · tokens/s and MFU leave out each run's warm-up steps, as `lowres train` reports")
 if runs.empty:
     st.info(queries.store_missing(uri) or "No training runs in this MLflow store yet: `lowres train` logs one.")
     st.stop()

@@ -11,6 +11,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from profiler.sinks.mlflow import redact_uri
+
 import queries
 import queries_live
 
@@ -21,7 +23,7 @@ PER_ROUND = ["fed/central_eval_loss", "fed/federated_eval_loss", "fed/train_loss
 st.title("Federations")
 uri = queries.mlflow_uri()
 feds, clients = queries.federations(uri)
-st.caption(f"MLflow: `{uri}`")
+st.caption(f"MLflow: `{redact_uri(uri)}`")
 if feds.empty:
     st.info(queries.store_missing(uri) or "No federations yet: `lowres fed` logs one parent run per federation and a child run per client.")
     st.stop()

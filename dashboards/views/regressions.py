@@ -10,6 +10,8 @@ import os
 
 import streamlit as st
 
+from profiler.sinks.mlflow import redact_uri
+
 import queries
 
 st.title("Regressions")
@@ -21,7 +23,7 @@ runs = queries.training_runs(uri)
 done = runs[runs["status"] == "FINISHED"] if len(runs) else runs
 steps = queries.step_seconds(uri, tuple(done["run_id"])) if len(done) else {}
 table = queries.regressions(runs, threshold, steps)
-st.caption(f"MLflow: `{uri}` · per machine and config hash: the newest finished run's step times against "
+st.caption(f"MLflow: `{redact_uri(uri)}` · per machine and config hash: the newest finished run's step times against "
            "the earlier runs' (Hodges–Lehmann ratio, 95 % interval), as `lowres regress` judges them")
 if table.empty:
     st.info(queries.store_missing(uri) or "No finished training runs yet: `lowres train` logs them.")

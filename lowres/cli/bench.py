@@ -103,6 +103,7 @@ def compare(
     from lowres.tracking.runs import client as make_client
 
     from lowres.tracking.uri import check_tracking_uri
+    from profiler.sinks.mlflow import redact_uri
 
     check_tracking_uri(tracking_uri, "--tracking-uri")
     if plot is not None:
@@ -133,7 +134,7 @@ def compare(
     console = Console()
     if not table_rows:
         where = f"experiment {', '.join(map(repr, experiment))}" if experiment else "this MLflow store"
-        console.print(f"no runs match in {where} ({client.tracking_uri}); `lowres train` logs one", highlight=False,
+        console.print(f"no runs match in {where} ({redact_uri(client.tracking_uri)}); `lowres train` logs one", highlight=False,
                       soft_wrap=True)
         return
     from rich import box
@@ -141,7 +142,7 @@ def compare(
     # Identifying columns fold onto more lines instead of being cut, figures never wrap; on a narrow terminal
     # the machine is its tier only (--json and --csv carry everything).
     wide = console.width >= 110
-    table = Table(title=f"lowres compare · newest {len(table_rows)} runs · {client.tracking_uri}",
+    table = Table(title=f"lowres compare · newest {len(table_rows)} runs · {redact_uri(client.tracking_uri)}",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   caption="loss: last train loss over eval loss · tok/s and MFU leave out warm-up steps · peak memory in GiB")
     for col, justify, width in (("run", "left", 20), ("kind", "left", 5), ("model", "left", 8),

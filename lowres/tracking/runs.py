@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from profiler.sinks.mlflow import resolve_tracking_uri
+from profiler.sinks.mlflow import redact_uri, resolve_tracking_uri, strip_credentials
 
 # Tag names other parts of lowres filter on (compare, regress): change them only together with those.
 TAG_FINGERPRINT = "lowres.hardware.fingerprint"
@@ -178,8 +178,8 @@ def run_page(run_id: str, tracking_uri: str | None = None) -> str:
     exp = client(uri).get_run(run_id).info.experiment_id
     page = f"#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
+        return f"{strip_credentials(uri).rstrip('/')}/{page}"  # a link to show: never with a password in it
+    return f"mlflow ui --backend-store-uri {redact_uri(uri)}, then http://127.0.0.1:5000/{page}"
 
 
 def end_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:

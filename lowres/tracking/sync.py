@@ -25,7 +25,7 @@ import logging
 from lowres.errors import LowresError
 from lowres.tracking import runs, spool
 from lowres.tracking.logger import server_alive
-from profiler.sinks.mlflow import resolve_tracking_uri
+from profiler.sinks.mlflow import redact_uri, resolve_tracking_uri, scrub
 
 # MLflow's limits per log_batch (mlflow/utils/validation.py)
 BATCH_LIMITS = {spool.METRIC: 1000, spool.PARAM: 100, spool.TAG: 100}
@@ -105,7 +105,7 @@ class _Syncer:
     def client(self, uri: str):
         if uri not in self._clients:
             if uri.startswith(("http://", "https://")) and not server_alive(uri, 10.0):
-                raise TrackingUnavailable(f"the tracking server at {uri} does not answer",
+                raise TrackingUnavailable(f"the tracking server at {redact_uri(uri)} does not answer",
                                           hint="start it (mlflow/start-server.sh) or pass --tracking-uri; "
                                                "the spool is kept and nothing was uploaded")
             self._clients[uri] = runs.client(uri)
@@ -188,7 +188,7 @@ class _Syncer:
             # What this file's failed batch claimed may not be on the server: read the server again.
             self._steps.clear()
             self._params.clear()
-            self.report.problems.append(f"{path.name}: {type(exc).__name__}: {str(exc)[:300]}")
+            self.report.problems.append(f"{path.name}: {type(exc).__name__}: {scrub(str(exc), self.uri({}))[:300]}")
 
     def _server_run(self, run_id: str) -> str | None:
         if not spool.is_local_run_id(run_id):
