@@ -219,3 +219,48 @@ def test_base_install_runs_help_and_hw_without_torch(tmp_path):
     # a command that needs an extra says which, in one line, instead of a traceback
     cmp = subprocess.run([str(exe), "compare"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert cmp.returncode == 1 and "pip install 'lowres[mlflow]'" in cmp.stderr and "Traceback" not in cmp.stderr
+
+
+def test_compare_lists_every_kind_of_run(tmp_path, monkeypatch):
+    """bench, tune and fed runs side by side, each read from where its kind keeps its figures; child runs (a
+    tune's probes) only with --nested; --kind narrows; the table fits 80 columns."""
+    from lowres.bench.suite import TAG_PRECISION, TAG_PRESET, TAG_WORKLOAD
+    from lowres.tracking import runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("COLUMNS", "80")
+
+    def run(experiment, tags, metrics, name):
+        h = runs.start_run(experiment, run_name=name, tracking_uri=uri, fingerprint="fp0", tier="cpu-test",
+                           tags=tags)
+        runs.log_metrics(h.run_id, metrics, 0, tracking_uri=uri)
+        runs.end_run(h.run_id, "FINISHED", uri)
+        return h.run_id
+
+    run("lowres-bench", {TAG_WORKLOAD: "tiny-fp32-r4", TAG_PRESET: "tiny", TAG_PRECISION: "fp32",
+                         "lowres.command": "train"},
+        {"bench/summary/tokens_per_second_median": 1234.0, "bench/summary/peak_memory_bytes_max": 2.0 * 1024**3,
+         "train/loss": 3.5}, "quick/tiny-fp32-r4")
+    tune = run("lowres", {"lowres.command": "tune"}, {"advisor/chosen_tokens_per_s": 456.0}, "tune-tiny")
+    run("lowres", {"lowres.command": "tune-probe", "mlflow.parentRunId": tune}, {"advisor/fits": 1.0}, "probe-1")
+    run("lowres-fed", {"lowres.command": "fed"}, {"fed/central_eval_loss": 2.25, "fed/train_loss": 2.5}, "alpha")
+
+    def compare(*args):
+        res = CliRunner().invoke(app, ["compare", "--tracking-uri", uri, *args])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    rows = {r["kind"]: r for r in json.loads(compare("--json"))}
+    assert set(rows) == {"bench", "tune", "fed"}  # the probe is a child run
+    assert rows["bench"]["tokens_per_s"] == 1234.0 and rows["bench"]["peak_memory_gib"] == 2.0
+    assert rows["bench"]["model"] == "tiny" and rows["bench"]["precision"] == "fp32" and rows["bench"]["loss"] == 3.5
+    assert rows["tune"]["tokens_per_s"] == 456.0 and rows["tune"]["tier"] == "cpu-test"
+    assert rows["fed"]["eval_loss"] == 2.25 and rows["fed"]["loss"] == 2.5 and rows["fed"]["experiment"] == "lowres-fed"
+    assert len(json.loads(compare("--json", "--nested"))) == 4
+    assert [r["run"] for r in json.loads(compare("--json", "--kind", "fed"))] == ["alpha"]
+    assert [r["run"] for r in json.loads(compare("--json", "-e", "lowres-bench"))] == ["quick/tiny-fp32-r4"]
+    table = compare()
+    assert all(name in table for name in ("quick/tiny-fp32-r4", "tune-tiny", "alpha")) and "probe-1" not in table
+    assert max(len(line) for line in table.splitlines()) <= 80, table
+    res = CliRunner().invoke(app, ["compare", "--tracking-uri", uri, "--kind", "nonsense"])
+    assert res.exit_code != 0 and "not a kind of run" in str(res.exception or res.output)
