@@ -218,7 +218,7 @@ def test_gemm_roofline_is_bounded_by_time_not_repeats(monkeypatch):
 
     monkeypatch.setattr(mfu.torch, "matmul", slow)
     mfu.measure_gemm_flops([(2048, 16, 16)], "fp32", budget_s=0.3)
-    assert max(seen) < 2048
+    assert max(seen) < 2048  # 16-row timing slice, then ~50 rows fit a third of the budget
 
 
 def test_slowed_probes_do_not_calibrate_and_advice_stays_in_the_machine_models_band(monkeypatch, tmp_path):

@@ -92,7 +92,9 @@ def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = N
     refuse_if_nothing_fits(Searcher(spec, _with_budget(hw, budget), cfg, headroom=headroom, budget_bytes=budget,
                                     calibration=calibration, record=False))
     # only the dtypes this machine will train in are measured, each within seconds (never an emulated bf16)
-    roofline = machine_roofline(spec, hw.fingerprint, hw=hw, seq_len=cfg.data.max_length)
+    # (bitsandbytes' dequantisation rates are left to the probes: quantized bases are probed only when nothing
+    # unquantized fits, and a probe measures them better than a microbenchmark would)
+    roofline = machine_roofline(spec, hw.fingerprint, hw=hw, seq_len=cfg.data.max_length, quant=False)
     bf16 = f"{roofline.bf16_flops / 1e9:.0f} GFLOP/s" if roofline.bf16_flops else "not measured (emulated here)"
     reasons = [f"machine {hw.tier} ({hw.fingerprint}): budget {budget / GIB:.2f} GiB, {headroom:.0%} kept free; "
                f"roofline fp32 {roofline.fp32_flops / 1e9:.0f} GFLOP/s, bf16 {bf16}; "

@@ -61,7 +61,7 @@ def measure_gemm_flops(shapes: list[tuple[int, int, int]], dtype: str, device: s
 
     The best of several repeats, not the mean: on a shared machine the fastest run is the one least
     disturbed, and a peak is what a roofline is. Bounded by time, not by a repeat count: each shape is first
-    timed on a slice of at most 64 rows, and M is cut so one run takes at most a third of the shape's share
+    timed on a slice of at most 16 rows, and M is cut so one run takes at most a third of the shape's share
     of ``budget_s`` (a 152k-vocabulary head in an emulated dtype would otherwise take minutes per run).
     """
     dt = DTYPES[dtype]
@@ -70,8 +70,10 @@ def measure_gemm_flops(shapes: list[tuple[int, int, int]], dtype: str, device: s
     g = torch.Generator(device="cpu").manual_seed(0)
     for m, k, n in shapes:
         a = torch.randn(m, k, generator=g).to(device=device, dtype=dt)
-        b = torch.randn(k, n, generator=g).to(device=device, dtype=dt)
-        small = a[: min(m, 64)]
+        # a constant (normal, non-zero) operand: CPU and GPU GEMMs run at the same speed on any normal values,
+        # and filling it is a memset, where randn of a 262k-vocabulary head took seconds on a busy machine
+        b = torch.full((k, n), 0.01, device=device, dtype=dt)
+        small = a[: min(m, 16)]
         torch.matmul(small, b)  # warm-up: packing buffers, thread pool, kernel selection
         _sync(device)
         t0 = time.perf_counter()
