@@ -262,5 +262,8 @@ def test_compare_lists_every_kind_of_run(tmp_path, monkeypatch):
     table = compare()
     assert all(name in table for name in ("quick/tiny-fp32-r4", "tune-tiny", "alpha")) and "probe-1" not in table
     assert max(len(line) for line in table.splitlines()) <= 80, table
+    from profiler.sinks.mlflow import redact_uri
+
+    assert redact_uri(uri) == uri  # the title names the store as given (sqlite://// kept, nothing to hide)
     res = CliRunner().invoke(app, ["compare", "--tracking-uri", uri, "--kind", "nonsense"])
     assert res.exit_code != 0 and "not a kind of run" in str(res.exception or res.output)

@@ -76,6 +76,8 @@ def redact_uri(uri: str) -> str:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(k.lower() in _SECRET_QUERY_KEYS for k, _ in pairs):
             query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/:")
+    if netloc == parts.netloc and query == parts.query:
+        return uri  # nothing secret; urlunsplit would also turn sqlite:////abs/path into sqlite://abs/path
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
