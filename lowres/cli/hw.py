@@ -143,7 +143,9 @@ def render_table(prof) -> Table:
     table.add_row("Python", prof.python)
     versions = ", ".join(f"{k} {v or 'not installed'}" for k, v in prof.versions.items()) or "unknown"
     table.add_row("packages", versions)
-    if prof.bnb_backends is None:
+    if "bitsandbytes" in prof.versions and not prof.versions["bitsandbytes"]:
+        bnb = "not installed (pip install 'lowres\\[train]')"  # \\[: not rich markup
+    elif prof.bnb_backends is None:
         bnb = "not probed" + (" (run without --no-probe-bnb)" if detected else "")
     else:
         bnb = ", ".join(f"{k} {'works' if ok else 'no'}" for k, ok in prof.bnb_backends.items())
