@@ -66,7 +66,7 @@ def run(folder: Path, crafted: list[str], rounds: int, *extra: str) -> dict:
     out = {"crafted": crafted, "crashed": None, "cosines": [], "seconds": 0.0}
     try:
         res = run_federation(grid, fed, prep=prep)
-        out["failures"] = res.failures
+        out["failures"] = res.failures + res.final_eval.get("failures", [])
         out["accepted"] = [r["clients_accepted"] for r in res.rounds]
     except Exception as exc:  # what this bench counts: the round did not survive the reply
         out["crashed"] = f"{type(exc).__name__}: {exc}"[:200]
@@ -113,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                     crashed.add(name)
                 elif not cos >= GOAL_COSINE:
                     captured.add(name)
-                why = next((f["reason"] for f in r.get("failures", []) if f["client"].startswith("node-")),
+                why = next((f["reason"] for f in r.get("failures", [])[::-1] if f["client"].startswith("node-")),
                            "accepted (weight capped)" if not r["crashed"] else r["crashed"])
                 outcome = "CRASHED" if r["crashed"] else "CAPTURED" if name in captured else "ok"
                 print(f"{name:<30} {outcome:<9} {cos:7.4f} {r['rss_rise_mb']:8.1f} {r['traced_peak_mb']:8.1f}  "
                       f"{why.replace('base_model.model.model.', '')[:100]}", flush=True)
         print()
+        for agg in ("median", "trimmed_mean"):
+            r = run(Path(tmp) / f"honest-{agg}", [], 2, f"strategy.aggregator={agg}")
+            print(f"honest only, 2 rounds, {agg:<12}: cosine to the honest mean "
+                  f"{', '.join(f'{c:.4f}' for c in r['cosines'])} (the aggregator's own distance from the mean)")
         for agg in ("fedavg", "median", "trimmed_mean"):
             r = run(Path(tmp) / f"all-{agg}", names, 2, *([f"strategy.aggregator={agg}"] if agg != "fedavg" else []))
             rss.append(r["rss_rise_mb"])
