@@ -241,7 +241,7 @@ def regress(
             raise UsageError(f"missing option {name}", hint="e.g. lowres regress --baseline previous --candidate latest")
     unknown = [m for m in metric if m not in ("step_time", "peak_memory")]
     if unknown:
-        raise UsageError(f"--metric {unknown[0]!r} is not a metric regress compares",
+        raise UsageError(f"unknown metric {unknown[0]!r} for --metric (regress compares step_time, peak_memory)",
                          hint="use step_time and/or peak_memory")
     from lowres.tracking.uri import check_tracking_uri
 
