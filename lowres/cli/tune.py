@@ -1,6 +1,7 @@
 """`lowres tune --auto`: detect the machine, predict, verify by short capped trials, choose, write the
-chosen RunConfig (reasons as comments) and train with it (`lowres tune` without --auto stops after writing). With no arguments: the `tiny` preset on the
-shipped sample data, so a new user sees it work at once."""
+chosen RunConfig (reasons as comments) and train with it (`lowres tune` without --auto stops after writing).
+With no arguments: the real pretrained SmolLM2-135M-Instruct on the shipped instruction sample, tune and
+training together within --time-budget (5 minutes by default), so a new user sees a real model learn at once."""
 
 from __future__ import annotations
 
