@@ -203,6 +203,9 @@ def export(
 
     run = find_run(run_dir)
     check_export(run, out)  # before the first line of output: a bad --output is one error line
-    with working(f"writing the {'merged model' if merge else 'adapter'} to {out} …"):
+    from lowres.models.loading import quiet_hf_progress
+
+    # transformers' own "Loading weights" / "Writing model shards" bars would sit under lowres's line
+    with working(f"writing the {'merged model' if merge else 'adapter'} to {out} …"), quiet_hf_progress():
         files = export_run(run, out, merge)
     Console().print(f"wrote {'merged model' if merge else 'adapter'} to {out}: {', '.join(files)}", highlight=False)
