@@ -105,7 +105,6 @@ class Recipe:
         if self.loc.pretrained:
             self.console.print(f"weights: {self.loc.describe()}", highlight=False)
         check_max_length(self.loc.spec, cfg.data.max_length)  # ConfigError: longer than the model's positions
-        self._say("setup: detecting the machine …")
         self.hw = detect(probe_bnb=cfg.precision.quant != "none")
         self.precision = resolve_precision(cfg.precision, self.hw, self.device)  # UnsupportedError
         check_optimizer(cfg.train, self.device)  # UnsupportedError: a paged optimizer without CUDA
