@@ -221,6 +221,16 @@ def test_gemm_roofline_is_bounded_by_time_not_repeats(monkeypatch):
     assert max(seen) < 2048  # 16-row timing slice, then ~50 rows fit a third of the budget
 
 
+def test_a_roofline_measured_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
+    from lowres.models import load_spec
+    from lowres.train.mfu import roofline
+
+    monkeypatch.setattr("lowres.advisor.calibrate.machine_load", lambda: {"load1": 8.0, "cpus": 2, "load_per_cpu": 4.0})
+    path = tmp_path / "roofline.json"
+    first = roofline(load_spec("tiny"), "fp32", 64, fingerprint="fp-busy", path=path, budget_s=0.1)
+    assert first.source == "measured" and first.flops_per_s > 0 and not path.exists()
+
+
 def test_slowed_probes_do_not_calibrate_and_advice_stays_in_the_machine_models_band(monkeypatch, tmp_path):
     """Probes of `tiny` whose every optimizer step sleeps (a machine busy elsewhere): their CPU share is low,
     so fit_calibration leaves their times out, and the estimate afterwards is the machine model's, in band."""

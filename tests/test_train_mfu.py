@@ -20,7 +20,9 @@ def test_flops_per_token_of_smollm2_135m():
     assert train_flops_per_token(spec, 256, 1000) == pytest.approx(expected, rel=1e-9)
 
 
-def test_roofline_is_measured_once_and_cached_by_key(tmp_path):
+def test_roofline_is_measured_once_and_cached_by_key(tmp_path, monkeypatch):
+    # a quiet machine: a roofline measured while the machine is busy is not cached (tests/test_advisor_families.py)
+    monkeypatch.setattr("lowres.advisor.calibrate.machine_load", lambda: {"load1": 0.5, "cpus": 2, "load_per_cpu": 0.25})
     spec = load_spec("tiny")
     path = tmp_path / "roofline.json"
     first = roofline(spec, "fp32", 64, fingerprint="fp-test", path=path, budget_s=0.2)
