@@ -192,7 +192,8 @@ def judge(rows: list[dict], cals: dict) -> tuple[list[float], list[float], list[
         share = "" if p.cpu_share is None else f"{p.cpu_share:.2f}"
         print(f"{label(r) + (' cal' if r.get('cal') else ''):<49} {est.peak_bytes / 2**20:>9.0f} "
               f"{p.peak_rss_bytes / 2**20:>9.0f} {me:>+7.1%} {est.step_time_s:>8.3f} {p.step_s:>8.3f} {te:>+7.1%} "
-              f"{cold:>8.3f} {ce:>+7.1%} {share:>5} {p.tokens_per_s:>7.0f}  {' '.join(f'{t:.2f}' for t in p.step_times)}")
+              f"{cold:>8.3f} {ce:>+7.1%} {share:>5} {p.tokens_per_s:>7.0f}  "
+              f"{' '.join(f'{t:.2f}' for t in p.step_times)}")
     return mem_err, time_err, cold_err
 
 

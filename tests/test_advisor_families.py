@@ -189,7 +189,8 @@ def test_tune_never_measures_a_dtype_the_machine_will_not_use(monkeypatch, tmp_p
     measured: list[str] = []
     monkeypatch.setattr(mfu, "measure_gemm_flops", lambda shapes, dtype, *a, **k: measured.append(dtype) or 1e11)
     monkeypatch.setattr(C, "measure_bandwidth", lambda *a, **k: 2e10)
-    monkeypatch.setattr(C, "measure_elementwise", lambda dtype, *a, **k: measured.append(f"elementwise-{dtype}") or 1e10)
+    monkeypatch.setattr(C, "measure_elementwise",
+                        lambda dtype, *a, **k: measured.append(f"elementwise-{dtype}") or 1e10)
     monkeypatch.setattr(C, "measure_op_seconds", lambda *a, **k: 1e-5)
     monkeypatch.setattr(C, "measure_attention_flops", lambda *a, **k: measured.append(f"attention-{a[-1]}") or 1e10)
     avx2 = load_profile("laptop-8g-avx2")

@@ -147,7 +147,7 @@ def _arch(key: str) -> Arch:
             n = p.numel()
             if mod is head:
                 groups["embeddings"] += n   # an untied output head (a tied one was seen as the embedding)
-            elif type(mod).__name__.endswith("Embedding") or "Embedding" in type(mod).__name__:
+            elif "Embedding" in type(mod).__name__:  # nn.Embedding, Gemma's scaled one, learned positions
                 groups["embeddings"] += n
             elif _is_linear(mod) and pname == "weight" and id(mod) in layer_ids:
                 groups["linear"] += n

@@ -329,16 +329,6 @@ def measure_dequant_rate(quant: str, in_features: int, out_features: int, comput
         return None
 
 
-def _best(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @dataclass
 class MachineRoofline:
     """What the step-time estimate runs on, measured here: peak FLOP/s per dtype on the model's GEMM shapes,

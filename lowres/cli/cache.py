@@ -53,17 +53,20 @@ def cache_rows() -> list[dict[str, Any]]:
                                    f"{cal.memory_factor:.2f} ({cal.source})"})
         elif what == "machine":
             for sub, v in entry.items():
-                rows.append({"kind": "machine model", "machine": machine, "what": sub, "when": _when(v.get("measured_at")),
-                             "load": _load(v), "detail": f"{v.get('value'):.4g}" if v.get("value") else "none"})
+                rows.append({"kind": "machine model", "machine": machine, "what": sub,
+                             "when": _when(v.get("measured_at")), "load": _load(v),
+                             "detail": f"{v.get('value'):.4g}" if v.get("value") else "none"})
         elif what == "bandwidth":
-            rows.append({"kind": "bandwidth", "machine": machine, "what": "copy", "when": _when(entry.get("measured_at")),
-                         "load": _load(entry), "detail": f"{entry.get('bytes_per_s', 0) / 1e9:.1f} GB/s"})
+            rows.append({"kind": "bandwidth", "machine": machine, "what": "copy",
+                         "when": _when(entry.get("measured_at")), "load": _load(entry),
+                         "detail": f"{entry.get('bytes_per_s', 0) / 1e9:.1f} GB/s"})
         else:
             rows.append({"kind": "dequant rate", "machine": machine, "what": what, "when": "?", "load": _load(None),
                          "detail": json.dumps(entry)})
     for key, v in read_cache(roofline_path()).items():
         machine, dtype, threads, shapes = (key.split("|") + ["", "", "", ""])[:4]
-        rows.append({"kind": "roofline", "machine": machine, "what": f"{dtype} {threads} ({shapes.count(',') + 1} GEMM shapes)",
+        rows.append({"kind": "roofline", "machine": machine,
+                     "what": f"{dtype} {threads} ({shapes.count(',') + 1} GEMM shapes)",
                      "when": _when(v.get("measured_at")), "load": _load(v.get("load")),
                      "detail": f"{v.get('flops_per_s', 0) / 1e9:.0f} GFLOP/s ({v.get('source', '?')})"})
     return rows
@@ -104,7 +107,8 @@ def show(json_output: Annotated[bool, typer.Option("--json", help="Print the row
 @cache_app.command("clear")
 def clear(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Only this model's probe points.")] = None,
-    all_machines: Annotated[bool, typer.Option("--all-machines", help="Every machine's entries, not only this one's.")] = False,
+    all_machines: Annotated[bool, typer.Option("--all-machines",
+                                               help="Every machine's entries, not only this one's.")] = False,
 ) -> None:
     """Drop cached probe points, rooflines and the machine model of this machine (or one model's points)."""
     from lowres.advisor.calibrate import _read, _write
