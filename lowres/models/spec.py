@@ -1,7 +1,9 @@
 """ModelSpec: a model's architecture numbers, enough to estimate memory and FLOPs without loading anything.
 
 Presets live in ``configs/models/<name>.yaml`` (found through ``lowres.paths.configs_dir()``); any Hugging Face
-``config.json`` of a Llama-style decoder converts too (``ModelSpec.from_hf_config``).
+``config.json`` of any decoder-only family transformers knows converts too (``ModelSpec.from_hf_config``; the config
+is kept, and the advisor reads shapes from the model built from it on the meta device); ``resolve_spec`` takes a
+preset, a folder or a hub id.
 """
 
 from __future__ import annotations
