@@ -56,7 +56,8 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys):
     for extra, expected in cases:
         out_dir = tmp_path / "never"
         overrides = tiny_overrides(tmp_path, good, steps=2, output_dir=out_dir, **{
-            "data.path": None if "--data" in extra else good, "data.max_length": None if "--seq-len" in extra else 32})
+            "data.path": None if "--data" in extra else good, "data.max_length": None if "--seq-len" in extra else 32,
+            "model.name": None if "--model" in extra else "tiny"})
         args = ["train", "-q", *_sets(overrides), *extra]
         code, _, err = _cli(args, capsys)
         assert code == 2, (extra, err)
