@@ -104,9 +104,8 @@ class Generator:
 
     @classmethod
     def _load_base(cls, name: str, precision: str, quant: str, device: str, console: Any) -> "Generator":
-        from lowres.config import ModelConfig, PrecisionConfig
+        from lowres.config import DataConfig, ModelConfig, PrecisionConfig
         from lowres.data import read_records, render_texts
-        from lowres.config import DataConfig
         from lowres.hardware import detect
         from lowres.models import load_base_model, load_tokenizer, locate_weights, resolve_precision
 

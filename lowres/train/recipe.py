@@ -37,6 +37,7 @@ from lowres.train.optim import build_optimizer, build_scheduler, check_optimizer
 from lowres.train.progress import TrainProgress, stop_on_signals
 from lowres.train.timing import PHASES, PhaseTimer
 
+_WEIGHTS_SAID: set[str | None] = set()  # weights whose provenance this process has printed
 SYSTEM_WINDOW_S = 10.0  # one MLflow system/ point (mean and peak) per window of profiler samples
 
 
@@ -102,7 +103,8 @@ class Recipe:
         resume_from = self._find_checkpoint()  # CheckpointError (another config, damaged) before any work
         records = read_records(cfg.data)  # DataError: missing, malformed (with line), empty
         self.loc = locate_weights(cfg.model)  # ModelError: unknown model offline
-        if self.loc.pretrained:
+        if self.loc.pretrained and self.loc.path not in _WEIGHTS_SAID:
+            _WEIGHTS_SAID.add(self.loc.path)  # once per process: federated clients and teachers set up many
             self.console.print(f"weights: {self.loc.describe()}", highlight=False)
         check_max_length(self.loc.spec, cfg.data.max_length)  # ConfigError: longer than the model's positions
         self.hw = detect(probe_bnb=cfg.precision.quant != "none")
