@@ -164,6 +164,7 @@ def calibrate(rows: list[dict]) -> dict:
 
 
 def judge(rows: list[dict], cals: dict) -> tuple[list[float], list[float], list[float]]:
+    from lowres.advisor.calibrate import MIN_CPU_SHARE
     from lowres.advisor.estimate import estimate
     from lowres.hardware import detect
     from lowres.models.spec import resolve_spec
@@ -184,10 +185,14 @@ def judge(rows: list[dict], cals: dict) -> tuple[list[float], list[float], list[
         te = (est.step_time_s - p.step_s) / p.step_s
         cold = r["est"].step_time_s  # uncalibrated: the machine model alone
         ce = (cold - p.step_s) / p.step_s
-        cold_err.append(abs(ce))
+        # a probe whose steps got under MIN_CPU_SHARE of their cores timed a busy machine, not this one: its
+        # memory is judged, its step time is not (the same rule keeps it out of calibrations)
+        healthy = p.cpu_share is None or p.cpu_share >= MIN_CPU_SHARE
+        if healthy:
+            cold_err.append(abs(ce))
         if not r.get("cal"):
             mem_err.append(abs(me))
-            if cal is not None and cal.time_factor_by_quant:  # calibrated step time only where probes calibrated it
+            if healthy and cal is not None and cal.time_factor_by_quant:  # calibrated only where probes did
                 time_err.append(abs(te))
         share = "" if p.cpu_share is None else f"{p.cpu_share:.2f}"
         print(f"{label(r) + (' cal' if r.get('cal') else ''):<49} {est.peak_bytes / 2**20:>9.0f} "
@@ -208,6 +213,14 @@ def run_tune(sweep: dict, args) -> tuple[object, float]:
     t0 = time.perf_counter()
     result = tune(cfg, objective="fastest", dry_run=True, out=out, rank=sweep["rank"], probe_steps=args.steps)
     return result, time.perf_counter() - t0
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _max(xs: list[float]) -> float:
+    return max(xs) if xs else float("nan")
 
 
 class _FirstProbe(Exception):
@@ -254,6 +267,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per probe")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     ap.add_argument("--data", default="hdfs_logs", help="shipped sample to train on")
+    ap.add_argument("--skip-tune", action="store_true", help="leave out part 2 (tune against the sweep)")
     args = ap.parse_args()
     from lowres.advisor.calibrate import machine_load
     from lowres.hardware import detect
@@ -273,10 +287,18 @@ def main() -> None:
     t0 = time.perf_counter()
     measure(rows, args)
     mem_err, time_err, cold_err = judge(rows, calibrate(rows))
-    print(f"\njudged on {len(mem_err)} configurations; memory |err| median {statistics.median(mem_err):.1%} "
-          f"max {max(mem_err):.1%}; calibrated step time |err| median {statistics.median(time_err):.1%} "
-          f"max {max(time_err):.1%}; cold (uncalibrated) step time |err| median {statistics.median(cold_err):.1%} "
-          f"max {max(cold_err):.1%} on {len(cold_err)}  ({time.perf_counter() - t0:.0f} s of probing)")
+    print(f"\njudged on {len(mem_err)} configurations; memory |err| median {_med(mem_err):.1%} "
+          f"max {_max(mem_err):.1%}; calibrated step time |err| median {_med(time_err):.1%} max {_max(time_err):.1%} "
+          f"on {len(time_err)}; cold (uncalibrated) step time |err| median {_med(cold_err):.1%} max "
+          f"{_max(cold_err):.1%} on {len(cold_err)} (probes whose steps got under 40 % of their cores are not "
+          f"timed)  ({time.perf_counter() - t0:.0f} s of probing)")
+    if args.skip_tune:
+        print(f"RESULT mem_median_err={_med(mem_err):.3f} mem_max_err={_max(mem_err):.3f} "
+              f"time_median_err={_med(time_err):.3f} cold_time_median_err={_med(cold_err):.3f} "
+              f"timed_n={len(cold_err)} chosen_vs_best=nan tune_seconds=nan first_probe_s={first_s:.1f} "
+              f"load_start={load_start.get('load1', float('nan')):.2f} "
+              f"load_end={machine_load().get('load1', float('nan')):.2f}")
+        return
 
     # tune starts from an empty calibration cache, so nothing learnt before may help it; the machine's
     # roofline (measured once per machine, like `lowres hw` does) is copied over
@@ -304,8 +326,8 @@ def main() -> None:
     for reason in result.reasons:
         print(f"  - {reason}")
     load_end = machine_load()
-    print(f"RESULT mem_median_err={statistics.median(mem_err):.3f} mem_max_err={max(mem_err):.3f} "
-          f"time_median_err={statistics.median(time_err):.3f} cold_time_median_err={statistics.median(cold_err):.3f} "
+    print(f"RESULT mem_median_err={_med(mem_err):.3f} mem_max_err={_max(mem_err):.3f} "
+          f"time_median_err={_med(time_err):.3f} cold_time_median_err={_med(cold_err):.3f} timed_n={len(cold_err)} "
           f"chosen_vs_best={ratio:.3f} tune_seconds={tune_s:.1f} first_probe_s={first_s:.1f} "
           f"load_start={load_start.get('load1', float('nan')):.2f} load_end={load_end.get('load1', float('nan')):.2f}")
 
