@@ -54,8 +54,9 @@ class ProbePoint:
 
 
 # A probe whose steps got less than this share of their cores' time (CPU time / wall × threads) ran on a
-# busy machine, or waited: its step time is not used for calibration. A healthy probe on the 2-core
-# development machine measured 0.7-1.0 (tiny models, whose small ops leave a core idle, sit lowest).
+# busy machine, or waited: its step time is not used for calibration. On the 2-core development machine at
+# load 6-14 (other programs holding the cores) probes measured 0.09-0.35, and their steps ran 2-30x slower
+# than the same steps quiet; a sleep in every step gives < 0.2 (tests/test_advisor_families.py).
 MIN_CPU_SHARE = 0.4
 # A time calibration that puts steps more than this factor away from the machine model (either way) is
 # absurd — a cache filled while the machine was busy gave 52,441 s per step for `tiny` — and is rejected.
