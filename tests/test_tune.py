@@ -157,7 +157,7 @@ def test_tune_auto_dry_run_on_tiny_writes_a_loadable_config(tmp_path, monkeypatc
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "chosen.yaml"
-    result = CliRunner().invoke(_app(), ["tune", "--auto", "--dry-run", "--out", str(out), "--seq-len", "64",
+    result = CliRunner().invoke(_app(), ["tune", "--auto", "--dry-run", "--model", "tiny", "--out", str(out), "--seq-len", "64",
                                          "--effective-batch", "4", "--probe-steps", "3",
                                          "--set", "data.sample=instructions", "--set", "data.tokenizer_vocab=1024"],
                                 env={"COLUMNS": "200"})
