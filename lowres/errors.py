@@ -56,6 +56,14 @@ class NonFiniteError(UsageError):
     """Training diverged: a NaN/Inf loss, gradient or weight (exit 2); says which setting to change."""
 
 
+class Interrupted(LowresError):
+    """Work stopped by SIGTERM or SIGINT after it saved what it could (exit 143 or 130, the shell's codes)."""
+
+    def __init__(self, signame: str, message: str, *, hint: str | None = None):
+        self.exit_code = 143 if signame == "SIGTERM" else 130
+        super().__init__(message, hint=hint)
+
+
 class CommandNotFound(LowresError):
     """The command given to ``lowres profile`` does not exist (exit 127)."""
 

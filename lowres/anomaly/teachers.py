@@ -71,7 +71,12 @@ def train_local_teachers(fed, prep, steps: int) -> list[Teacher]:
     teachers = []
     for i in range(fed.clients):
         state = client_state(_client_cfg(fed, prep, i, steps), f"oneshot-{i:02d}", prep.tokenizer_dir)
-        state.recipe.train(steps=steps)
+        result = state.recipe.train(steps=steps)
+        if result.stopped_by in ("SIGTERM", "SIGINT"):  # the recipe saved a checkpoint; the pipeline stops too
+            from lowres.errors import Interrupted
+
+            raise Interrupted(result.stopped_by, f"{result.stopped_by}: stopped while training teacher {i + 1} of "
+                              f"{fed.clients} (step {result.step})", hint="run it again to start afresh")
         r = state.recipe
         teachers.append(Teacher(f"client-{i:02d}", r.model, r.tokenizer, r.cfg.data.max_length))
     return teachers
