@@ -19,10 +19,10 @@ def _folder_bytes(folder: Path) -> int:
 def availability(spec: Any) -> dict[str, Any]:
     """Where ``spec``'s pretrained weights are on this machine, in locate_weights' order, without loading:
     ``{"source": cache|package|hub|random-init, "detail": …, "bytes": …}``."""
-    from lowres.models.weights import _from_cache, hub_offline
+    from lowres.models.weights import from_hf_cache, hub_offline
 
     if spec.hub_id:
-        folder = _from_cache(spec.hub_id, None)
+        folder = from_hf_cache(spec.hub_id, None)
         if folder is not None:
             return {"source": "cache", "detail": str(folder), "bytes": _folder_bytes(folder)}
     pkg = spec.package

@@ -168,7 +168,7 @@ def convert_gguf(gguf_path: str | Path, origin: dict | None = None, console: Any
                 "gguf_architecture": summary["architecture"], "gguf_name": summary["name"],
                 "stored_dtype": "float32", "note": NEAR_NOT_EQUAL.format(quant=summary["quant"]),
                 "converted_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "convert_seconds": round(time.perf_counter() - t0, 2), "transformers": _version("transformers"),
+                "convert_seconds": round(time.perf_counter() - t0, 2), "transformers": package_version("transformers"),
                 **(origin or {}),
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
@@ -179,10 +179,6 @@ def convert_gguf(gguf_path: str | Path, origin: dict | None = None, console: Any
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return folder, provenance
-
-
-def _version(dist: str) -> str | None:
-    return package_version(dist)
 
 
 def _convert_into(gguf_path: Path, out: Path) -> None:

@@ -90,7 +90,8 @@ def _spec_from_folder(folder: Path, name: str, hub_id: str | None, preset: Model
     return ModelSpec.from_hf_config(json.loads((folder / "config.json").read_text()), name, hub_id)
 
 
-def _from_cache(hub_id: str, revision: str | None) -> Path | None:
+def from_hf_cache(hub_id: str, revision: str | None) -> Path | None:
+    """The complete snapshot of ``hub_id`` in the local Hugging Face cache (never the network), or None."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -181,7 +182,7 @@ def locate_weights(cfg: Any) -> WeightsLocation:
     tried.append(f"local path {str(local)!r}: not a folder")
 
     if hub_id:
-        folder = _from_cache(hub_id, revision)
+        folder = from_hf_cache(hub_id, revision)
         if folder is not None:
             spec = _spec_from_folder(folder, preset.name if preset else name, hub_id, preset)
             if cfg.weights == "random-init":
