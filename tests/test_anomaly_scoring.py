@@ -106,6 +106,27 @@ def test_long_sessions_are_scored_in_windows_every_token_once():
     assert whole["accuracy"][0] == pytest.approx(39 / 42)  # EOS→1→…→39 right; 39→7, 7→3, 3→EOS wrong
 
 
+def test_scores_do_not_depend_on_batching_order_or_window_override():
+    from lowres.anomaly.scoring import score_sessions
+
+    rng = np.random.default_rng(3)
+    # sessions of very different lengths, in shuffled order: sorting by length inside must map scores back
+    texts = [" ".join(str(int(x)) for x in rng.integers(1, 60, size=n)) for n in rng.permutation([3, 40, 9, 17, 1, 25, 6])]
+    one = score_sessions(_CountingTeacher(16), texts, batch_size=1)
+    for kw in ({}, {"batch_size": 3}, {"max_batch_tokens": 20}):
+        other = score_sessions(_CountingTeacher(16), texts, **kw)
+        for key in one:
+            assert other[key] == pytest.approx(one[key], rel=1e-6), (kw, key)
+    # ``window`` overrides the teacher's max_length: one window per session, as a teacher of 128 would score
+    wide = score_sessions(_CountingTeacher(16), texts, window=128)
+    whole = score_sessions(_CountingTeacher(128), texts)
+    for key in whole:
+        assert wide[key] == pytest.approx(whole[key], rel=1e-6)
+    # a session's own scores, alone, are what it gets among others
+    alone = score_sessions(_CountingTeacher(16), [texts[2]])
+    assert alone["loss"][0] == pytest.approx(one["loss"][2], rel=1e-6)
+
+
 def test_normality_is_higher_for_more_normal_whatever_the_score():
     from lowres.anomaly.scoring import normality
 

@@ -46,34 +46,56 @@ def _session_windows(ids: list[int], length: int) -> list[tuple[list[int], int]]
     return out
 
 
-def score_sessions(teacher, texts: list[str], batch_size: int = 32) -> dict[str, np.ndarray]:
+def score_sessions(teacher, texts: list[str], batch_size: int = 32, window: int | None = None,
+                   max_batch_tokens: int = 4096) -> dict[str, np.ndarray]:
     """Per session: ``accuracy`` (top-1 next-token accuracy), ``loss`` (mean next-token loss) and
     ``max_loss`` (the loss of the most surprising token) of ``teacher``, each a float32 array.
 
     A session is framed as the teacher saw it in training (lowres.data.blocks packs sessions with EOS after
     each): EOS, its tokens, EOS. So the first event is predicted from a session boundary and the end is
     predicted too: a session cut short (HDFS' commonest anomaly: a block opened and never finished) ends
-    where a teacher of normal logs expects more. Sessions longer than the teacher's ``max_length`` are scored
-    in sliding windows (every token once, with at least half a window of context), not truncated."""
+    where a teacher of normal logs expects more. Sessions longer than ``window`` tokens (default: the
+    teacher's ``max_length``) are scored in sliding windows (every token once, with at least half a window of
+    context), not truncated.
+
+    Windows are sorted by length and batched up to ``batch_size`` rows and ``max_batch_tokens`` padded tokens,
+    so little compute goes to padding and the logits (rows × width × vocabulary) stay bounded. The loss is
+    ``logsumexp − target logit`` on fp32 logits; a hit is a target that is the logits' argmax. Under
+    the teacher's ``precision`` (a ResolvedPrecision, if it has one) the forward runs under autocast as in
+    training and evaluation."""
     import torch
 
-    model, tok, length = teacher.model, teacher.tokenizer, teacher.max_length
+    from lowres.train.evaluation import autocast_context
+
+    model, tok = teacher.model, teacher.tokenizer
+    length = window or teacher.max_length
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = tok.eos_token_id
     rows: list[tuple[int, list[int], int]] = []  # (session, window ids, first scored position)
     for i, t in enumerate(texts):
         ids = [eos] + tok(t, add_special_tokens=True)["input_ids"] + [eos]
         rows += [(i, w, first) for w, first in _session_windows(ids, length)]
+    rows.sort(key=lambda r: -len(r[1]))  # longest first: a batch's width is its first row's length
+    batches, start = [], 0
+    while start < len(rows):
+        width = len(rows[start][1])
+        n = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
+        batches.append(rows[start:start + n])
+        start += n
     hits = np.zeros(len(texts))
     nll_sum = np.zeros(len(texts))
     nll_max = np.zeros(len(texts))
     count = np.zeros(len(texts))
     was_training = model.training
     model.eval()
+    try:
+        device = next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        device = torch.device("cpu")
+    precision = getattr(teacher, "precision", None)
     with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            width = max(len(w) for _, w, _ in chunk)
+        for chunk in batches:
+            width = len(chunk[0][1])
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             scored = torch.zeros((len(chunk), width), dtype=torch.bool)
@@ -81,10 +103,13 @@ def score_sessions(teacher, texts: list[str], batch_size: int = 32) -> dict[str,
                 ids[j, :len(w)] = torch.tensor(w, dtype=torch.long)
                 mask[j, :len(w)] = 1
                 scored[j, first:len(w)] = True
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            with autocast_context(precision, str(device)):
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+            logits = logits.float().cpu()
             target, valid = ids[:, 1:], scored[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, target[..., None]).squeeze(-1)
             hit = ((logits.argmax(-1) == target) & valid).sum(1).numpy()
+            del logits
             nll = torch.where(valid, nll, torch.zeros_like(nll))
             n, total, peak = valid.sum(1).numpy(), nll.sum(1).numpy(), nll.max(1).values.numpy()
             for j, (i, _, _) in enumerate(chunk):

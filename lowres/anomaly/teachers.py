@@ -30,6 +30,7 @@ class Teacher:
     model: Any  # peft PeftModel (causal LM)
     tokenizer: Any
     max_length: int
+    precision: Any = None  # the recipe's ResolvedPrecision: scoring runs under its autocast, as training did
 
 
 def teacher_fed_config(normal_txt: str | Path, folder: str | Path, clients: int, rounds: int, local_steps: int,
@@ -78,7 +79,7 @@ def train_local_teachers(fed, prep, steps: int) -> list[Teacher]:
             raise Interrupted(result.stopped_by, f"{result.stopped_by}: stopped while training teacher {i + 1} of "
                               f"{fed.clients} (step {result.step})", hint="run it again to start afresh")
         r = state.recipe
-        teachers.append(Teacher(f"client-{i:02d}", r.model, r.tokenizer, r.cfg.data.max_length))
+        teachers.append(Teacher(f"client-{i:02d}", r.model, r.tokenizer, r.cfg.data.max_length, r.precision))
     return teachers
 
 
@@ -99,6 +100,6 @@ def train_fedavg_teachers(fed) -> tuple[list[Teacher], Any]:
         state = _CACHE[key]
         r = state.recipe
         if fed_dir in str(r.cfg.data.path):
-            teachers.append(Teacher(state.key, r.model, r.tokenizer, r.cfg.data.max_length))
+            teachers.append(Teacher(state.key, r.model, r.tokenizer, r.cfg.data.max_length, r.precision))
     teachers.sort(key=lambda t: t.name)
     return teachers, result
