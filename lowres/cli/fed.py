@@ -5,6 +5,8 @@
     lowres fed superlink [--port 8000] [--certs DIR | --insecure] [--supernode-auth]
     lowres fed supernode --superlink HOST:PORT --partition-id 0 --num-partitions 2 [--data-path FILE]
     lowres fed certs DIR                                                       a self-signed CA + server cert
+    lowres fed join NAME --data-path FILE                                      join a federation of the index
+    lowres fed report NAME --category bug|connection|malicious --text "…"     report a failure
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def run(
     root_cert: Annotated[str | None, typer.Option("--root-cert", help="CA certificate of a TLS SuperLink.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP to the SuperLink (loopback tests).")] = False,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Deployment: wait for the run to finish.")] = True,
+    announce: Annotated[bool, typer.Option("--announce", help="Deployment: list the federation in the index on "
+                                           "the MLflow server (address --superlink, CA --root-cert) so nodes can "
+                                           "`lowres fed join` it.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     output_dir: Annotated[str | None, typer.Option("--output", "-o", help="Folder of the federation's files "
                                                    "(output_dir).")] = None,
@@ -44,6 +49,14 @@ def run(
 
     overrides = list(overrides or []) + [f"{k}={json.dumps(v)}" for k, v in (
         ("output_dir", output_dir), ("tracking.mlflow_uri", tracking_uri)) if v is not None]
+    if announce:
+        from lowres.errors import UsageError
+
+        if superlink is None:
+            raise UsageError("--announce needs --superlink HOST:PORT: only a deployed federation can be joined")
+        overrides += ["index.announce=true", f"index.superlink={superlink}"]
+        if root_cert:
+            overrides.append(f"index.root_cert={Path(root_cert).resolve()}")
     console = Console(stderr=True)
     fed = load_fed_config(config, overrides)
     from lowres.locks import check_output_dir
@@ -123,6 +136,71 @@ def supernode_cmd(
             node_config[key] = value
     cmd = supernode_command(superlink, port, node_config, root_cert, auth_key)
     _exec(cmd, flower_env(Path.home() / ".cache" / "lowres" / "flower-bin"), dry_run)
+
+
+@fed_app.command("join")
+def join_cmd(
+    name: Annotated[str, typer.Argument(help="The federation's name in the index (see the Federations page).")],
+    data_path: Annotated[str | None, typer.Option("--data-path", help="This node's own data file or folder.")] = None,
+    partition_id: Annotated[int | None, typer.Option("--partition-id", help="Or: a partition the server wrote "
+                                                     "(one machine / shared folder).")] = None,
+    num_partitions: Annotated[int | None, typer.Option("--num-partitions")] = None,
+    overrides: Annotated[str | None, typer.Option("--overrides", help='This node\'s recipe, e.g. "lora.rank=4".')] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads for this node's client.")] = None,
+    output_dir: Annotated[str | None, typer.Option("--output", "-o", help="This node's run files.")] = None,
+    port: Annotated[int, typer.Option("--port", help="This node's own runtime API port (one per node per host).")] = 9094,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Accept a federation announced without TLS.")] = False,
+    auth_key: Annotated[str | None, typer.Option("--auth-key", help="Private key (KEY and KEY.pub) for SuperNode auth.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="The lab's MLflow server "
+                                                     "holding the index (default $MLFLOW_TRACKING_URI).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the flower-supernode command only (no join counted).")] = False,
+) -> None:
+    """Join an announced federation: look it up in the index and start a SuperNode for it (Flower ships the
+    app; the CA certificate comes with the announcement)."""
+    from lowres.errors import UsageError
+    from lowres.federated.deploy import flower_env, supernode_command
+    from lowres.federated.index import joinable_entry, record_join
+
+    if data_path is None and partition_id is None:
+        raise UsageError("a joining node needs its data: --data-path FILE (or --partition-id with --num-partitions "
+                         "on the server's machine)")
+    entry = joinable_entry(tracking_uri, name)
+    root_cert = None
+    if entry.root_cert:
+        folder = Path.home() / ".cache" / "lowres" / "index"
+        folder.mkdir(parents=True, exist_ok=True)
+        root_cert = str(folder / f"{entry.run_id}-ca.crt")
+        Path(root_cert).write_text(entry.root_cert)
+    elif not insecure:
+        raise UsageError(f"federation {name!r} is announced without TLS (plain HTTP to {entry.superlink})",
+                         hint="pass --insecure to join it anyway (loopback and lab tests only)")
+    _check_supernode(entry.superlink, port, root_cert, data_path, auth_key, overrides)
+    node_config: dict[str, object] = {}
+    for key, value in (("partition-id", partition_id), ("num-partitions", num_partitions), ("data-path", data_path),
+                       ("lowres-overrides", overrides), ("lowres-threads", threads), ("lowres-output-dir", output_dir)):
+        if value is not None:
+            node_config[key] = value
+    cmd = supernode_command(entry.superlink, port, node_config, root_cert, auth_key)
+    if not dry_run:
+        record_join(tracking_uri, entry)
+        Console(stderr=True).print(f"joining {name!r} at {entry.superlink} ({entry.codec} codecs, {entry.rounds} "
+                                   f"rounds, model {entry.model})", highlight=False)
+    _exec(cmd, flower_env(Path.home() / ".cache" / "lowres" / "flower-bin"), dry_run)
+
+
+@fed_app.command("report")
+def report_cmd(
+    name: Annotated[str, typer.Argument(help="The federation's name in the index.")],
+    category: Annotated[str, typer.Option("--category", help="bug, connection or malicious.")],
+    text: Annotated[str, typer.Option("--text", help="What went wrong (at most 2000 characters).")],
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="The lab's MLflow server "
+                                                     "holding the index (default $MLFLOW_TRACKING_URI).")] = None,
+) -> None:
+    """Report a failure of a federation (stored with its index entry, shown on the Federations page)."""
+    from lowres.federated.index import report
+
+    entry = report(tracking_uri, name, category, text)
+    print(json.dumps({"federation": name, "category": category, "index_run_id": entry.run_id}))
 
 
 @fed_app.command("certs")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowres.config import RunConfig, _format_errors, _set_path, load_config, parse_override, read_yaml_mapping
 from lowres.errors import ConfigError
@@ -94,6 +94,23 @@ class FedTrackingConfig(_Section):
     offline_after_s: float = Field(120.0, gt=0, description="a client silent this long is shown offline")
 
 
+class IndexConfig(_Section):
+    """Announcing the federation in the index on the lab's MLflow server (lowres/federated/index.py)."""
+
+    announce: bool = Field(False, description="announce this federation so nodes can `lowres fed join` it")
+    superlink: str | None = Field(None, description="HOST:PORT of the SuperLink as joining nodes reach it")
+    root_cert: str | None = Field(None, description="the SuperLink's CA certificate (public) published with the "
+                                  "entry; a path on the server's machine; empty = plain HTTP")
+    heartbeat_s: float = Field(30.0, gt=0, description="seconds between the entry's heartbeats (one tag write each)")
+    experiment: str = "lowres-fed-index"
+
+    @model_validator(mode="after")
+    def _address(self) -> "IndexConfig":
+        if self.announce and not self.superlink:
+            raise ValueError("index.announce needs index.superlink (HOST:PORT nodes dial)")
+        return self
+
+
 class FedConfig(_Section):
     """A whole federation; see the module docstring."""
 
@@ -111,6 +128,7 @@ class FedConfig(_Section):
     strategy: StrategyConfig = StrategyConfig()
     robustness: RobustnessConfig = RobustnessConfig()
     tracking: FedTrackingConfig = FedTrackingConfig()
+    index: IndexConfig = IndexConfig()
 
     def run_config(self, partition: int | None = None, extra: list[str] | None = None) -> RunConfig:
         """The clients' RunConfig (for ``partition``: with its overrides), fixed for federated use: no MLflow

@@ -316,13 +316,18 @@ def run_federation(grid: Any, fed: FedConfig, console: Any = None, prep: Prepare
     monitor = FedMonitor(fed.federation, mlflow=t.mlflow, tracking_uri=t.mlflow_uri, experiment=t.experiment,
                          prometheus_port=t.prometheus_port, offline_after_s=t.offline_after_s,
                          params=fed.model_dump(mode="json"), console=console)
-    status = "FAILED"
+    from lowres.federated.index import announcer
+
+    beacon, status = None, "FAILED"
     try:
+        beacon = announcer(fed, monitor.run_id, console)  # the index entry on the lab's MLflow (index.announce)
         result = run_rounds(grid, fed, prep, monitor, console)
         result.run_id, result.children = monitor.run_id, dict(monitor.children)
         status = "FINISHED"
         return result
     finally:
         monitor.close(status, step=fed.rounds)
+        if beacon is not None:
+            beacon.close(status)
         if prep.central is not None:
             prep.central.cleanup()
