@@ -203,11 +203,13 @@ def run_pipeline(cfg: AnomalyConfig, say=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     fed = teacher_fed_config(normal_txt, out / "teachers", cfg.clients, cfg.fedavg_rounds, cfg.fedavg_local_steps,
                              cfg.fed_config, extra)
+    say(f"[1/5] teachers: {cfg.clients} one-shot x {cfg.teacher_steps} steps of {fed.run_config(0).model.name} ...")
     prep = prepare_teachers(fed)
     teachers = train_local_teachers(fed, prep, cfg.teacher_steps)
     r["teachers_seconds"] = time.perf_counter() - t0
     per_client, up_bytes = [], []
-    for t in teachers:
+    for i, t in enumerate(teachers, 1):
+        say(f"      scoring the {len(data['public'])} public sessions with teacher {i}/{len(teachers)} ...")
         scores = score_sessions(t, data["public"], window=cfg.score_length)
         up_bytes.append(scores_bytes(scores))
         per_client.append(normality(scores, cfg.score))
@@ -221,6 +223,8 @@ def run_pipeline(cfg: AnomalyConfig, say=print) -> dict[str, Any]:
         f"anomalous ({r['pseudo_anomalous_purity']:.1%} truly anomalous)")
 
     # f1_teacher: client 0's one-shot teacher used directly, its threshold set on held-out normal sessions
+    say(f"[2/5] teacher 1 as a detector: scoring {len(data['calib'])} held-out normal + {len(data['test'])} test "
+        "sessions ...")
     flags, thr, score = _threshold_detector(teachers[0], data["calib"], data["test"], cfg)
     r["f1_teacher"], r["precision_teacher"], r["recall_teacher"] = prf(data["test_y"], flags)
     r["auroc_teacher"] = auroc(data["test_y"], score)
@@ -228,6 +232,8 @@ def run_pipeline(cfg: AnomalyConfig, say=print) -> dict[str, Any]:
     r["teacher_threshold"] = thr
 
     t0 = time.perf_counter()
+    say(f"[3/5] student: {cfg.student_size}, {cfg.student_steps} steps on {len(n_idx) + len(a_idx)} pseudo-labelled "
+        "sessions ...")
     texts = [data["public"][i] for i in np.concatenate([n_idx, a_idx])]
     labels = [0] * len(n_idx) + [1] * len(a_idx)
     student = build_student(teachers[0].tokenizer, cfg.student_size, cfg.student_max_length, cfg.seed)
@@ -254,6 +260,8 @@ def run_pipeline(cfg: AnomalyConfig, say=print) -> dict[str, Any]:
 
     # --- baseline: teachers-only FedAvg, adapters both ways every round ----------------------------------------
     t0 = time.perf_counter()
+    say(f"[4/5] fedavg baseline: {cfg.fedavg_rounds} rounds x {cfg.fedavg_local_steps} local steps, then its "
+        f"global teacher scores {len(data['calib'])} + {len(data['test'])} sessions ...")
     clear_cache()
     fed_b = teacher_fed_config(normal_txt, out / "fedavg", cfg.clients, cfg.fedavg_rounds, cfg.fedavg_local_steps,
                                cfg.fed_config, extra)
@@ -273,6 +281,7 @@ def run_pipeline(cfg: AnomalyConfig, say=print) -> dict[str, Any]:
 
     # --- inference cost: the baseline's detector (a teacher) vs the student, the same sessions ----------------
     sample = data["test"][:cfg.latency_samples]
+    say(f"[5/5] inference cost: {len(sample)} sessions one at a time through the teacher, then the student ...")
     teach = measure_inference(lambda x: score_sessions(base_teacher, x, batch_size=1, window=cfg.score_length),
                               sample)
     stud = measure_inference(lambda x: predict_proba(student, x, batch_size=1), sample)
