@@ -106,6 +106,9 @@ CATALOG: dict[str, Metric] = {
            "a client's peak RSS during its last round's training (its own profiler)", labels=("federation", "client")),
         _M("lowres_fed_client_cpu_utilization_ratio", "gauge", "ratio",
            "a client's mean CPU use in cores during its last round's training", labels=("federation", "client")),
+        _M("lowres_fed_strategy_metric", "gauge", "1",
+           "a watched Flower strategy's own aggregated metric of the last round (lowres.federated.watch); "
+           "phase train | evaluate | central, metric: the app's key", labels=("federation", "phase", "metric")),
         _M("lowres_fed_client_last_report_timestamp_seconds", "gauge", "seconds",
            "Unix time of a client's last reply", labels=("federation", "client")),
         _M("lowres_fed_client_up", "gauge", "1", "1 while a client has replied within the offline timeout, else 0",

@@ -8,6 +8,7 @@ content), so what a client receives is exactly what would have crossed the netwo
     grid = LocalGrid(client_app, n_nodes=3)                       # node configs: partition-id / num-partitions
     grid = LocalGrid(client_app, 3, drop={2: 1})                  # node 2's reply to round 1 is lost (killed)
     grid = LocalGrid(client_app, 3, tamper=lambda node, reply: …) # change a reply (a poisoned client)
+    grid = LocalGrid(flower_app, 3, run_config={"batch-size": 32})  # a stock Flower app's run config
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class LocalGrid:
 
     def __init__(self, client_app: Any, n_nodes: int, node_configs: list[dict] | None = None,
                  drop: dict[int, int] | None = None, tamper: Callable[[int, Any], Any] | None = None,
-                 run_id: int = 1):
+                 run_id: int = 1, run_config: dict | None = None):
         from flwr.app import RecordDict
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -30,6 +31,7 @@ class LocalGrid:
         # this identity in deployment and simulation; here we are that task).
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
         self.app, self.run_id, self.tamper = client_app, run_id, tamper
+        self.run_config = dict(run_config or {})  # what a ClientApp reads from context.run_config (a Flower app's)
         self.drop = dict(drop or {})
         self.nodes = [NODE_BASE + i for i in range(n_nodes)]
         self.node_configs = node_configs or [{"partition-id": i, "num-partitions": n_nodes} for i in range(n_nodes)]
@@ -57,7 +59,7 @@ class LocalGrid:
             received, nbytes = through_wire(msg)
             self.down.append((msg.metadata.message_type, node, nbytes))
             ctx = Context(run_id=self.run_id, node_id=node, node_config=dict(self.node_configs[i]),
-                          state=self.states[node], run_config={})
+                          state=self.states[node], run_config=dict(self.run_config))
             reply = self.app(received, ctx)
             if self.tamper is not None:
                 reply = self.tamper(i, reply)

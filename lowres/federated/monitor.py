@@ -125,9 +125,11 @@ class FedMonitor:
         """Bytes of a small control reply (the identity query), counted but not a round's report."""
         self._add("lowres_fed_bytes_received_total", client, nbytes)
 
-    def reply(self, rnd: int, client: str, nbytes: int, metrics: dict[str, float], kind: str = "train") -> None:
+    def reply(self, rnd: int, client: str, nbytes: int, metrics: dict[str, float], kind: str = "train",
+              prefix: str | None = None) -> None:
         """A client's reply arrived: its bytes, its figures, its liveness. ``kind="evaluate"`` (the final
-        federated eval) logs under ``fed/client/final_*`` so it does not mix with the round's train figures."""
+        federated eval) logs under ``fed/client/final_*`` so it does not mix with the round's train figures;
+        ``prefix`` names another MLflow prefix (a watched Flower app's per-round evaluation)."""
         now = time.time()
         with self._lock:
             self._last_report[client] = now
@@ -140,7 +142,7 @@ class FedMonitor:
             if key in metrics:
                 self._write(name, metrics[key], client)
         child = self._safe(self._child, client)
-        prefix = "fed/client/" if kind == "train" else "fed/client/final_"
+        prefix = prefix or ("fed/client/" if kind == "train" else "fed/client/final_")
         self._safe(self._log, child, {f"{prefix}{k}": v for k, v in metrics.items()} | {f"{prefix}bytes_up": nbytes},
                    rnd)
 
@@ -163,6 +165,17 @@ class FedMonitor:
             if key in figures:
                 self._write(name, figures[key])
         self._safe(self._log, self.run_id, {f"fed/{k}": v for k, v in figures.items()}, rnd)
+
+    def strategy_metrics(self, phase: str, metrics: dict[str, float]) -> None:
+        """A watched Flower strategy's aggregated metrics of the last round (``lowres.federated.watch``) as
+        ``lowres_fed_strategy_metric{phase, metric}``; MLflow gets them through ``round_done``."""
+        if self.exporter is None:
+            return
+        now = time.time()
+        self._safe(self.exporter.write, [Sample(now, "lowres_fed_strategy_metric", float(v),
+                                                (("phase", phase), ("metric", str(k))))
+                                         for k, v in metrics.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)])
 
     def totals(self) -> dict[str, float]:
         """Bytes sent and received over the whole federation, all clients and message kinds, and the part of
