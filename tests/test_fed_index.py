@@ -81,6 +81,20 @@ def _check(uri, beacon, certs, tmp_path, capsys):
     assert [(r["category"], r["text"]) for r in reports] == [
         ("connection", "node 3 cannot reach the link"), ("malicious", "client-02 sends huge norms")]
 
+    # a federation announced without TLS is joined only with an explicit --insecure
+    plain = index.Announcer(load_fed_config(REPO / "configs/fed/tiny-deploy.yaml", [
+        "federation=plain-fed", f"tracking.mlflow_uri={uri}", "index.announce=true",
+        "index.superlink=127.0.0.1:8124"]), None)
+    try:
+        assert cli(["fed", "join", "plain-fed", "--tracking-uri", uri, "--data-path", str(tmp_path)]) == 2
+        assert "announced without TLS" in capsys.readouterr().err
+        assert cli(["fed", "join", "plain-fed", "--tracking-uri", uri, "--data-path", str(tmp_path), "--insecure",
+                    "--dry-run"]) == 0
+        assert "flower-supernode --insecure --superlink 127.0.0.1:8124" in capsys.readouterr().out
+    finally:
+        plain.close("FAILED")
+    assert index.lookup(uri, "plain-fed").status == "failed"
+
     beacon.close("FINISHED")
     done = index.lookup(uri, "lab-fed")
     assert done.status == "finished" and not done.joinable

@@ -123,8 +123,8 @@ def run_command(connection: str, fed_config: str | Path, overrides: list[str] | 
                 stream: bool = False) -> list[str]:
     """``flwr run`` of lowres' Flower app against ``connection``, for the federation YAML ``fed_config``."""
     cfg = f'fed-config="{Path(fed_config).resolve()}"'
-    if overrides:
-        cfg += f' fed-overrides="{" ".join(overrides)}"'
+    if overrides:  # a TOML literal string: overrides may hold double quotes (-o / --tracking-uri are JSON-quoted)
+        cfg += f" fed-overrides='{' '.join(overrides)}'"
     cmd = ["flwr", "run", str(APP_DIR), connection, "--run-config", cfg, "--format", "json"]
     return cmd + (["--stream"] if stream else [])
 
