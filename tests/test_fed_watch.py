@@ -139,7 +139,8 @@ def test_unmodified_flower_app_reports_rounds_bytes_failures_and_metrics(flower_
     assert sum(history(c, parent, "fed/bytes_down").values()) == sum(down.values())
     assert sum(history(c, parent, "fed/bytes_up").values()) == sum(up.values())
     assert sorted(history(c, parent, "fed/round_seconds")) == [1, 2, 3]
-    assert all(v > 0 for v in history(c, parent, "fed/round_seconds").values())
+    round_s, watch_s = history(c, parent, "fed/round_seconds"), history(c, parent, "fed/watch_seconds")
+    assert all(0 < watch_s[r] < round_s[r] for r in round_s)
     assert history(c, parent, "fed/clients_sampled") == {1: 3.0, 2: 3.0, 3: 3.0}  # FedAvg: all of 3 nodes
     assert history(c, parent, "fed/clients_replied") == {1: 3.0, 2: 2.0, 3: 3.0}
     assert history(c, parent, "fed/clients_failed") == {1: 0.0, 2: 1.0, 3: 0.0}
@@ -205,3 +206,10 @@ def test_three_federations_at_once_each_on_its_own_series_and_run(flower_app, sc
         assert f'federation="{name}"' in text and not any(f'federation="{o}"' in text for o in names if o != name)
         assert sum(series(text, "lowres_fed_bytes_sent_total").values()) == sent
         assert list(series(text, "lowres_fed_round").values()) == [ROUNDS]
+    # … and one row each on the dashboard's Federations page
+    from dash_helpers import load_queries
+
+    feds, clients = load_queries().federations(uri)
+    rows = feds.set_index("federation").loc[names]
+    assert list(rows["rounds"]) == [ROUNDS] * 3 and list(rows["status"]) == ["FINISHED"] * 3
+    assert list(rows["bytes_sent"]) == [sum(n for _, _, n in grids[name].down) for name in names]

@@ -17,8 +17,9 @@ Per round it reports, through ``FedMonitor`` (the same MLflow runs and ``lowres_
 participants (``fed/clients_sampled``, ``fed/clients_replied``, ``fed/clients_failed``, ``fed/evaluate_*``),
 the exact serialised bytes of each message's content each way per client (``wire.content_bytes``;
 ``lowres_fed_bytes_{sent,received}_total{client}``, ``fed/bytes_down``/``fed/bytes_up`` per round),
-failures (error replies and sampled nodes that never replied, per client), the round's wall time and the
-strategy's own aggregated metrics: train as ``fed/train_<key>``, federated evaluation as
+failures (error replies and sampled nodes that never replied, per client), the round's wall time
+(``fed/round_seconds``), the part of it the wrapper itself took counting bytes and reporting
+(``fed/watch_seconds``: the cost of watching), and the strategy's own aggregated metrics: train as ``fed/train_<key>``, federated evaluation as
 ``fed/federated_eval_<key>``, ``evaluate_fn``'s centralised one as ``fed/central_eval_<key>`` (a leading
 ``train_``/``eval_`` of the key is not repeated), and all three as ``lowres_fed_strategy_metric{phase,
 metric}``. A client is named ``node-<node id>``.
@@ -151,11 +152,12 @@ class WatchedStrategy(Strategy):
             self.monitor.round_started(rnd)
             self._round = {"round": rnd, "t0": time.perf_counter(), "figures": {
                 "bytes_down": 0.0, "bytes_up": 0.0, "clients_sampled": 0.0, "clients_replied": 0.0,
-                "clients_failed": 0.0}}
+                "clients_failed": 0.0, "watch_seconds": 0.0}}
         return self._round
 
     def _configured(self, rnd: int, phase: str, messages: Iterable[Any]) -> list[Any]:
         messages = list(messages)
+        t0 = time.perf_counter()
         state, sizes, sent = self._open(rnd), {}, {}
         for msg in messages:
             key = id(msg.content)  # FedAvg sends one RecordDict to every node: serialise it once
@@ -168,10 +170,12 @@ class WatchedStrategy(Strategy):
         fig = state["figures"]
         fig["bytes_down"] += sum(sent.values())
         fig["clients_sampled" if phase == "train" else "evaluate_sampled"] = float(len(sent))
+        fig["watch_seconds"] += time.perf_counter() - t0
         return messages
 
     def _replied(self, rnd: int, phase: str, replies: Iterable[Any]) -> list[Any]:
         replies = list(replies)
+        t0 = time.perf_counter()
         state, sent = self._open(rnd), self._sent.pop((rnd, phase), {})
         fig, answered, ok = state["figures"], set(), 0
         for reply in replies:
@@ -193,6 +197,7 @@ class WatchedStrategy(Strategy):
             self.monitor.unanswered(client_name(node), sent[node])
             self.monitor.failure(rnd, client_name(node), f"no {phase} reply (node gone, or past the timeout)")
         fig["clients_replied" if phase == "train" else "evaluate_replied"] = float(ok)
+        fig["watch_seconds"] += time.perf_counter() - t0
         return replies
 
     def _finish(self, extra: dict[str, float] | None = None) -> None:
