@@ -218,3 +218,35 @@ def test_a_close_call_is_probed_again_and_decided_on_pooled_steps():
     assert s.faster(one, two) is two and calls == {1: 2, 2: 2, 4: 1}
     assert one.probes == two.probes == 2 and one.probe.step_s == pytest.approx(1.15)
     assert s.faster(two, four) is two and calls[4] == 1  # twice as fast: no runoff
+
+
+def test_a_time_budget_stops_optional_probes_after_the_first_verified_setting(monkeypatch):
+    """With a probe deadline, the predicted-fastest precision is probed first and, once the deadline has passed,
+    no neighbour, other precision or runoff starts; the reasons say what was left out. Without one, the same
+    search probes more."""
+    import lowres.advisor.search as S
+
+    spec, hw = load_spec("SmolLM2-135M"), load_profile("a100-80g")
+    cfg = load_config(None, ["model.name=SmolLM2-135M", "data.max_length=1024", "train.batch_size=64"], use_env=False)
+    rl = hw.roofline or Roofline(fp32_flops=3e11, bf16_flops=6e11, mem_bandwidth_bytes_s=3e10, source="measured")
+    clock = [0.0]
+    monkeypatch.setattr(S.time, "monotonic", lambda: clock[0])
+
+    def run(deadline):
+        ref: list = []
+        fake = _fake_probe(ref)
+
+        def probe_fn(*a, **k):
+            clock[0] += 60.0  # each probe "takes" a minute
+            return fake(*a, **k)
+        s = Searcher(spec, hw, cfg, roofline=rl, probe_fn=probe_fn, record=False, probe_deadline=deadline)
+        ref.append(s)
+        return search(s, "fastest")
+
+    free = run(None)
+    clock[0] = 0.0
+    tight = run(30.0)  # the deadline passes during the first probe
+    assert len(tight.trials) == 1 < len(free.trials)
+    # the one probed is the predicted-fastest precision (bf16 on an A100), and it is what was chosen
+    assert tight.candidate.compute == "bf16" and tight.trial is tight.trials[0]
+    assert any(r.startswith("time budget: probing stopped") and "fp32/none" in r for r in tight.reasons)

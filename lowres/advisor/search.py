@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -119,7 +120,8 @@ class Searcher:
     def __init__(self, spec: Any, hw: Any, base_cfg: Any, *, roofline: Any = None, headroom: float = 0.10,
                  budget_bytes: float | None = None, calibration: Calibration | None = None,
                  probe_steps: int = 5, probe_warmup: int = 2, probe_timeout_s: float = 180.0, record: bool = True,
-                 on_trial: Callable[[str, Trial], None] | None = None, probe_fn: Callable = probe):
+                 on_trial: Callable[[str, Trial], None] | None = None, probe_fn: Callable = probe,
+                 probe_deadline: float | None = None):
         from lowres.advisor.estimate import memory_budget_bytes
 
         self.spec, self.hw, self.base_cfg, self.roofline, self.headroom = spec, hw, base_cfg, roofline, headroom
@@ -139,6 +141,17 @@ class Searcher:
         self.probe_fn = probe_fn
         self.effective = base_cfg.train.batch_size * base_cfg.train.grad_accum
         self.base = Candidate.from_run_config(base_cfg)
+        # time.monotonic() after which no optional probe starts (a neighbour, another precision, a runoff): a
+        # time budget (`tune --time-budget`) leaves the rest to training. A first verified setting is always probed.
+        self.probe_deadline = probe_deadline
+        self.skipped: list[str] = []
+
+    def can_probe(self, what: str) -> bool:
+        """True while optional probes fit the time budget; else records ``what`` was left out, and False."""
+        if self.probe_deadline is None or time.monotonic() < self.probe_deadline:
+            return True
+        self.skipped.append(what)
+        return False
 
     # ------------------------------------------------------------------ predictions
     def predict(self, cand: Candidate, calibrated: bool = True) -> Estimate:
@@ -226,7 +239,8 @@ class Searcher:
         """The faster of two trials that ran; when they are within ``RUNOFF_MARGIN`` of each other, both are
         probed again first (a runoff), so noise does not pick the winner."""
         ta, tb = a.tokens_per_s or 0.0, b.tokens_per_s or 0.0
-        if min(ta, tb) > 0 and max(ta, tb) < min(ta, tb) * (1 + RUNOFF_MARGIN):
+        if (min(ta, tb) > 0 and max(ta, tb) < min(ta, tb) * (1 + RUNOFF_MARGIN)
+                and self.can_probe("a second probe of the two closest settings")):
             self.remeasure(a)
             self.remeasure(b)
         return a if (a.tokens_per_s or 0.0) >= (b.tokens_per_s or 0.0) else b
@@ -249,14 +263,16 @@ class Searcher:
             # the larger neighbour, when the (re-fitted) estimate puts it within its own error of the line
             if i + 1 < len(sizes):
                 up_cand = cand.model_copy(update={"batch_size": sizes[i + 1]})
-                if self.predict(up_cand).peak_bytes <= self.limit * (1 + NEIGHBOUR_MARGIN):
+                if (self.predict(up_cand).peak_bytes <= self.limit * (1 + NEIGHBOUR_MARGIN)
+                        and self.can_probe(f"{cand.compute}/{cand.quant} micro-batch {sizes[i + 1]}")):
                     up = self.run_probe(up_cand)
                     return up if up.fits else first
             # else the smaller one, when the re-fitted estimate says it may be as fast (CPU caches can favour it)
             if i > 0:
                 down_cand = cand.model_copy(update={"batch_size": sizes[i - 1]})
                 down_tps = self.predict(down_cand).tokens_per_s
-                if down_tps and first.tokens_per_s and down_tps >= first.tokens_per_s * (1 - NEIGHBOUR_MARGIN):
+                if (down_tps and first.tokens_per_s and down_tps >= first.tokens_per_s * (1 - NEIGHBOUR_MARGIN)
+                        and self.can_probe(f"{cand.compute}/{cand.quant} micro-batch {sizes[i - 1]}")):
                     down = self.run_probe(down_cand)
                     if down.fits:
                         return self.faster(first, down)
@@ -324,7 +340,11 @@ def search(s: Searcher, objective: str = "fastest", quant_ok: bool = True) -> Ch
                 winners.append(t)
         reasons.append("objective smallest: micro-batch 1 of the two precisions predicted smallest, probed")
     else:
+        if s.probe_deadline is not None:  # the predicted fastest first: it is the one probed if time runs short
+            plain.sort(key=lambda o: -_predicted_tps(s, s.base.model_copy(update={"compute": o[0], "quant": o[1]})))
         for compute, quant in plain:
+            if winners and not s.can_probe(f"{compute}/{quant}"):
+                continue
             t = s.largest_verified(s.base.model_copy(update={"compute": compute, "quant": quant}))
             if t is not None:
                 winners.append(t)
@@ -343,6 +363,8 @@ def search(s: Searcher, objective: str = "fastest", quant_ok: bool = True) -> Ch
                                "no unquantized setting fits the budget even at micro-batch 1")
                 break
     s.finish()
+    if s.skipped:
+        reasons.append("time budget: probing stopped to leave time for training; not probed: " + ", ".join(s.skipped))
     if not winners:
         small = smallest_footprint(s, options)
         tried = "; ".join(f"{t.candidate.compute}/{t.candidate.quant} b{t.candidate.batch_size}: {t.probe.reason}"
@@ -352,6 +374,12 @@ def search(s: Searcher, objective: str = "fastest", quant_ok: bool = True) -> Ch
             f"predicted footprint needs {small.peak_bytes / GIB:.2f} GiB",
             hint="use a smaller model or shorter sequences, or more memory")
     return _choose(s, kind, seconds, winners, reasons)
+
+
+def _predicted_tps(s: Searcher, cand: Candidate) -> float:
+    """Predicted tokens/s of ``cand`` at the largest micro-batch predicted to fit (0 when none fits)."""
+    b = s.largest_predicted(cand)
+    return (s.predict(cand.model_copy(update={"batch_size": b})).tokens_per_s or 0.0) if b else 0.0
 
 
 def _choose(s: Searcher, kind: str, seconds: float | None, winners: list[Trial], reasons: list[str]) -> Choice:

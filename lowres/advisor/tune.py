@@ -117,9 +117,12 @@ def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = N
 
     parent = _start_parent(base, hw, objective)
     log_trial = _child_logger(base, hw, parent, on_trial)
+    # With a time budget, optional probes (neighbours, a second precision, runoffs) stop after PROBE_SHARE of
+    # it, so training keeps the larger part; the first verified setting is always probed.
+    deadline = (time.monotonic() + PROBE_SHARE * time_budget_s - (time.perf_counter() - t0)) if time_budget_s else None
     searcher = Searcher(spec, _with_budget(hw, budget), base, roofline=roofline, headroom=headroom, budget_bytes=budget,
                         calibration=calibration, probe_steps=probe_steps, on_trial=log_trial,
-                        **({"probe_fn": probe_fn} if probe_fn else {}))
+                        probe_deadline=deadline, **({"probe_fn": probe_fn} if probe_fn else {}))
     try:
         choice = search(searcher, objective)
     except BaseException:
@@ -161,6 +164,9 @@ def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = N
 # compute per micro-batch).
 TRAIN_SETUP_S = 25.0
 MIN_STEPS = 5
+# The share of a time budget that optional probes may use (from tune's start): on 2 cores a 135M probe takes
+# 40-60 s, so a 5-minute budget allows the first setting and one more before training takes over.
+PROBE_SHARE = 0.4
 
 
 def steps_for_time(cfg: Any, step_s: float, remaining_s: float) -> tuple[int, str]:

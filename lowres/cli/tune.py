@@ -55,8 +55,9 @@ def tune(
                                                      "per round (down + up), e.g. 5MB; sets the rank.")] = None,
     headroom: Annotated[float, typer.Option("--headroom", help="Fraction of the budget kept free.")] = 0.10,
     time_budget: Annotated[str, typer.Option("--time-budget", metavar="DURATION", help="Tune and train together "
-                                             "within this (e.g. 5m, 300s, 1h; 0 = no limit): training steps are "
-                                             "cut to what the measured step time allows, and tune says so.")] = "5m",
+                                             "within this (e.g. 5m, 300s, 1h; 0 = no limit): optional probes stop "
+                                             "after 40 % of it, and training steps are cut to what the measured "
+                                             "step time allows; tune says so.")] = "5m",
     probe_steps: Annotated[int, typer.Option("--probe-steps", help="Optimizer steps per probe (the first "
                                              "two are warm-up).")] = 5,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose and write the config, do not train (what "
