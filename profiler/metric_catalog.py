@@ -123,6 +123,15 @@ CATALOG: dict[str, Metric] = {
            labels=("federation",)),
         _M("lowres_fed_federated_eval_loss", "gauge", "nats",
            "sample-weighted eval loss of the global adapter on the clients' own eval data", labels=("federation",)),
+        _M("lowres_fed_server_heartbeat_timestamp_seconds", "gauge", "seconds",
+           "Unix time of the federation server's last heartbeat (set every second while it is alive)",
+           labels=("federation",)),
+        _M("lowres_fed_server_progress_timestamp_seconds", "gauge", "seconds",
+           "Unix time of the server's last round progress (round started or done, a reply or failure recorded)",
+           labels=("federation",)),
+        _M("lowres_fed_server_status", "gauge", "1",
+           "1 for the server's current status (running, finished, failed), 0 for the others",
+           labels=("federation", "status")),
     ]
 }
 

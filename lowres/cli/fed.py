@@ -5,6 +5,7 @@
     lowres fed superlink [--port 8000] [--certs DIR | --insecure] [--supernode-auth]
     lowres fed supernode --superlink HOST:PORT --partition-id 0 --num-partitions 2 [--data-path FILE]
     lowres fed certs DIR                                                       a self-signed CA + server cert
+    lowres fed status [--json]                       running federations: running, stalled or crashed (ends crashed)
     lowres fed join NAME --data-path FILE                                      join a federation of the index
     lowres fed report NAME --category bug|connection|malicious --text "…"     report a failure
 """
@@ -62,6 +63,10 @@ def run(
     from lowres.locks import check_output_dir
 
     check_output_dir(fed.output_dir)  # a file in the way: refused before any client starts
+    if fed.tracking.mlflow:  # a crashed federation of this experiment is ended FAILED, not left RUNNING
+        from lowres.federated.health import scan
+
+        scan(fed.tracking.mlflow_uri, fed.tracking.experiment, noticed_by="lowres fed run", console=console)
     if superlink is None:
         from lowres.federated.simulation import simulate
 
@@ -84,6 +89,33 @@ def run(
         print(json.dumps(out, default=str))
     else:
         console.print_json(json.dumps(out, default=str))
+
+
+@fed_app.command("status")
+def status_cmd(
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI "
+                                                     "(default $MLFLOW_TRACKING_URI, else ./mlflow.db).")] = None,
+    experiment: Annotated[str, typer.Option("--experiment", help="The federations' MLflow experiment "
+                                            "(tracking.experiment).")] = "lowres-fed",
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per federation.")] = False,
+) -> None:
+    """List the experiment's RUNNING federations as running, stalled or crashed (by the server's heartbeat,
+    round progress and, on its own machine, its process); crashed ones are ended FAILED and tagged crashed."""
+    from lowres.federated.health import scan
+
+    console = Console(stderr=True)
+    found = scan(tracking_uri, experiment, noticed_by="lowres fed status", console=console)
+    rows = [{"federation": r.data.tags.get("lowres.federation") or r.info.run_name, "run_id": r.info.run_id,
+             "state": h.state, "reason": h.reason, "heartbeat_age_s": h.heartbeat_age_s,
+             "progress_age_s": h.progress_age_s} for r, h in found]
+    if json_output:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    if not rows:
+        console.print(f"no RUNNING federations in experiment {experiment!r}", highlight=False)
+    for row in rows:
+        print(f"{row['federation']:<24} {row['state']:<8} {row['run_id']}  {row['reason']}")
 
 
 @fed_app.command("superlink")

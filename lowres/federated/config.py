@@ -92,6 +92,19 @@ class FedTrackingConfig(_Section):
     experiment: str = "lowres-fed"
     prometheus_port: int | None = Field(None, ge=0, le=65535, description="serve lowres_fed_* on /metrics; 0 = free port")
     offline_after_s: float = Field(120.0, gt=0, description="a client silent this long is shown offline")
+    heartbeat_s: float = Field(30.0, gt=0, description="seconds between the server's MLflow heartbeats (two tags "
+                               "each; Prometheus' heartbeat gauge is set every second)")
+    crashed_after_s: float = Field(120.0, gt=0, description="a RUNNING federation whose server has not beaten for "
+                                   "this long is crashed (lowres.federated.health)")
+    stalled_after_s: float = Field(900.0, gt=0, description="a beating server with no round progress for this long "
+                                   "is stalled")
+
+    @model_validator(mode="after")
+    def _beats(self) -> "FedTrackingConfig":
+        if self.crashed_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"tracking.crashed_after_s ({self.crashed_after_s:g}) must be at least twice "
+                             f"tracking.heartbeat_s ({self.heartbeat_s:g}): one late beat is not a crash")
+        return self
 
 
 class IndexConfig(_Section):

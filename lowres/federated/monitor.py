@@ -5,6 +5,13 @@ The server calls it at round edges and per reply; nothing here runs in a client.
 thread turns a client silent for ``offline_after_s`` into ``lowres_fed_client_up 0``; the alert rules and
 dashboards read that and ``lowres_fed_client_last_report_timestamp_seconds``.
 
+Liveness of the server itself (lowres.federated.health): the same thread sets
+``lowres_fed_server_heartbeat_timestamp_seconds`` every second, each round event sets
+``lowres_fed_server_progress_timestamp_seconds``, and ``lowres_fed_server_status{status=running|finished|
+failed}`` says what the server is doing. A second thread writes the MLflow heartbeat (two tags, every
+``heartbeat_s``). ``close`` writes the end marker to both; when Prometheus has been scraping the exporter, it
+waits (at most 3 scrape intervals, ≤ 30 s) for one more scrape so the marker is seen, not just a silence.
+
 MLflow keys: ``fed/...`` on the parent run (step = round), ``fed/client/...`` on each child run. Tracking
 never kills a federation (DESIGN rule 8): a failing MLflow write is counted and reported at the end.
 """
@@ -15,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+from lowres.federated import health
 from profiler.reading import Sample
 
 
@@ -23,8 +31,12 @@ class FedMonitor:
 
     def __init__(self, federation: str, *, mlflow: bool = True, tracking_uri: str | None = None,
                  experiment: str = "lowres-fed", prometheus_port: int | None = None, offline_after_s: float = 120.0,
-                 params: dict | None = None, console: Any = None):
+                 params: dict | None = None, console: Any = None, heartbeat_s: float = health.HEARTBEAT_S,
+                 crashed_after_s: float = health.CRASHED_AFTER_S, stalled_after_s: float = health.STALLED_AFTER_S):
         self.federation, self.offline_after_s, self.console = federation, offline_after_s, console
+        self.heartbeat_s, self._thresholds = heartbeat_s, (heartbeat_s, crashed_after_s, stalled_after_s)
+        self._progress = time.time()
+        self._scrapes: list[float] = []
         self.failures = 0  # failed tracking writes
         self.last_error: str | None = None
         self._lock = threading.Lock()
@@ -37,18 +49,27 @@ class FedMonitor:
             from profiler.sinks.prometheus import PrometheusExporter
 
             self.exporter = PrometheusExporter(prometheus_port, labels={"federation": federation})
+            self.exporter.registry.register(_ScrapeClock(self._scrapes))
+            self._status("running")
+            self._write("lowres_fed_server_heartbeat_timestamp_seconds", self._progress)
+            self._write("lowres_fed_server_progress_timestamp_seconds", self._progress)
         if mlflow:
             self._safe(self._start_parent, experiment, tracking_uri, params or {})
+        self._write("lowres_fed_server_heartbeat_timestamp_seconds", time.time())  # MLflow's start may be slow
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._watch_offline, name="fed-offline", daemon=True)
         self._watch.start()
+        self._beat = threading.Thread(target=self._mlflow_heartbeat, name="fed-heartbeat", daemon=True)
+        if self.run_id is not None:
+            self._beat.start()
 
     # ------------------------------------------------------------------ MLflow
     def _start_parent(self, experiment: str, tracking_uri: str | None, params: dict) -> None:
         from lowres.tracking import log_params, start_run
 
         handle = start_run(experiment, run_name=self.federation, tracking_uri=tracking_uri, config=params,
-                           tags={"lowres.command": "fed", "lowres.federation": self.federation})
+                           tags={"lowres.command": "fed", "lowres.federation": self.federation,
+                                 **health.server_tags(*self._thresholds)})
         self.run_id, self.tracking_uri = handle.run_id, handle.tracking_uri
         self.experiment = experiment
         log_params(self.run_id, params, self.tracking_uri)
@@ -81,10 +102,10 @@ class FedMonitor:
             return None
 
     # ------------------------------------------------------------------ Prometheus
-    def _write(self, name: str, value: float, client: str | None = None) -> None:
+    def _write(self, name: str, value: float, client: str | None = None, labels: tuple = ()) -> None:
         if self.exporter is None:
             return
-        labels = (("client", client),) if client else ()
+        labels = (("client", client),) if client else labels
         self._safe(self.exporter.write, [Sample(time.time(), name, float(value), labels)])
 
     def _add(self, name: str, client: str, amount: float) -> float:
@@ -93,9 +114,25 @@ class FedMonitor:
         self._write(name, total, client)
         return total
 
+    def _status(self, status: str) -> None:
+        for s in health.SERVER_STATES:
+            self._write("lowres_fed_server_status", 1.0 if s == status else 0.0, labels=(("status", s),))
+
+    def _mark_progress(self) -> None:
+        self._progress = time.time()
+        self._write("lowres_fed_server_progress_timestamp_seconds", self._progress)
+
+    def _mlflow_heartbeat(self) -> None:
+        """Two tags every ``heartbeat_s``; its own thread, since a slow store may hold a write for minutes."""
+        from lowres.tracking.runs import set_tags
+
+        while not self._stop.wait(self.heartbeat_s):
+            self._safe(set_tags, self.run_id, health.beat_tags(time.time(), self._progress), self.tracking_uri)
+
     def _watch_offline(self) -> None:
         while not self._stop.wait(1.0):
             now = time.time()
+            self._write("lowres_fed_server_heartbeat_timestamp_seconds", now)
             with self._lock:
                 seen = dict(self._last_report)
             for client, ts in seen.items():
@@ -109,6 +146,7 @@ class FedMonitor:
 
     # ------------------------------------------------------------------ events
     def round_started(self, rnd: int) -> None:
+        self._mark_progress()
         self._write("lowres_fed_round", rnd)
 
     def sent(self, client: str, nbytes: int) -> None:
@@ -131,6 +169,7 @@ class FedMonitor:
         federated eval) logs under ``fed/client/final_*`` so it does not mix with the round's train figures;
         ``prefix`` names another MLflow prefix (a watched Flower app's per-round evaluation)."""
         now = time.time()
+        self._mark_progress()
         with self._lock:
             self._last_report[client] = now
         self._add("lowres_fed_bytes_received_total", client, nbytes)
@@ -148,6 +187,7 @@ class FedMonitor:
 
     def failure(self, rnd: int, client: str, reason: str, rejected: bool = False) -> None:
         """A client failed this round (error, timeout) or its update was rejected."""
+        self._mark_progress()
         self._add("lowres_fed_client_failures_total", client, 1)
         if rejected:
             self._add("lowres_fed_updates_rejected_total", client, 1)
@@ -159,6 +199,7 @@ class FedMonitor:
 
     def round_done(self, rnd: int, figures: dict[str, float]) -> None:
         """The round's figures (``fed/...`` in MLflow; the gauges in Prometheus)."""
+        self._mark_progress()
         for key, name in (("round_seconds", "lowres_fed_round_seconds"), ("clients_accepted", "lowres_fed_clients_accepted"),
                           ("central_eval_loss", "lowres_fed_eval_loss"),
                           ("federated_eval_loss", "lowres_fed_federated_eval_loss")):
@@ -177,6 +218,17 @@ class FedMonitor:
                                          for k, v in metrics.items()
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)])
 
+    def _await_scrape(self) -> None:
+        """When Prometheus has scraped us at least twice, wait for one scrape after the end marker (at most
+        three of its intervals, ≤ 30 s), so the alert rules see "finished" rather than a silent server."""
+        seen = list(self._scrapes)
+        if len(seen) < 2:
+            return
+        interval = min(10.0, max(0.1, (seen[-1] - seen[0]) / (len(seen) - 1)))
+        deadline, since = time.time() + 3 * interval, time.time()
+        while time.time() < deadline and not (self._scrapes and self._scrapes[-1] > since):
+            time.sleep(0.05)
+
     def totals(self) -> dict[str, float]:
         """Bytes sent and received over the whole federation, all clients and message kinds, and the part of
         the sent bytes that went to clients which never answered."""
@@ -187,12 +239,23 @@ class FedMonitor:
                 "bytes_sent_unanswered_total": sum(v for (n, _), v in items if n == "unanswered")}
 
     def close(self, status: str = "FINISHED", step: int = 0) -> None:
-        """Log the byte totals (``fed/bytes_*_total`` at ``step``), end the runs, stop the exporter."""
+        """Log the byte totals (``fed/bytes_*_total`` at ``step``), write the end marker (finished when
+        ``status`` is FINISHED, else failed), end the runs, stop the exporter."""
         self._stop.set()
         self._watch.join(timeout=2)
+        if self._beat.is_alive():
+            self._beat.join(timeout=2)
         self._safe(self._log, self.run_id, {f"fed/{k}": v for k, v in self.totals().items()}, step)
+        marker = health.end_tags(status)
+        if self.exporter is not None:
+            self._write("lowres_fed_server_heartbeat_timestamp_seconds", time.time())
+            self._status(marker[health.TAG_STATUS])
+            self._await_scrape()
         if self.run_id is not None:
             from lowres.tracking import end_run
+            from lowres.tracking.runs import set_tags
+
+            self._safe(set_tags, self.run_id, marker, self.tracking_uri)
 
             for child in self.children.values():
                 self._safe(end_run, child, status, self.tracking_uri)
@@ -202,3 +265,15 @@ class FedMonitor:
         if self.failures and self.console is not None:
             self.console.print(f"warning: {self.failures} tracking writes failed (last: {self.last_error})",
                                highlight=False)
+
+
+class _ScrapeClock:
+    """A collector that yields nothing and remembers when the exporter was scraped (the last 20 times)."""
+
+    def __init__(self, times: list[float]):
+        self.times = times
+
+    def collect(self):
+        self.times.append(time.time())
+        del self.times[:-20]
+        return iter(())

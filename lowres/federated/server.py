@@ -315,7 +315,8 @@ def run_federation(grid: Any, fed: FedConfig, console: Any = None, prep: Prepare
     t = fed.tracking
     monitor = FedMonitor(fed.federation, mlflow=t.mlflow, tracking_uri=t.mlflow_uri, experiment=t.experiment,
                          prometheus_port=t.prometheus_port, offline_after_s=t.offline_after_s,
-                         params=fed.model_dump(mode="json"), console=console)
+                         params=fed.model_dump(mode="json"), console=console, heartbeat_s=t.heartbeat_s,
+                         crashed_after_s=t.crashed_after_s, stalled_after_s=t.stalled_after_s)
     from lowres.federated.index import announcer
 
     beacon, status = None, "FAILED"

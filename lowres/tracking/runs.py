@@ -193,6 +193,11 @@ def _set_tags(c, run_id: str, tags: Mapping[str, str]) -> None:
     c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def set_tags(run_id: str, tags: Mapping[str, str], tracking_uri: str | None = None) -> None:
+    """Set (overwrite) ``tags`` on a run in one ``log_batch`` call."""
+    _set_tags(client(tracking_uri), run_id, tags)
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dicts as dotted keys (``optim.lr``); values as strings, cut to MLflow's 6000-character limit."""
     out: dict[str, str] = {}

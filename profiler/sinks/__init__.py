@@ -23,7 +23,8 @@ from profiler.reading import Sample
 # Labels a series may carry: few and bounded, so the number of series cannot grow with time. A step number
 # or a timestamp as a label would create a new series per sample.
 ALLOWED_LABELS = frozenset({"run", "host", "fingerprint", "phase", "federation", "client", "gpu", "cpu", "device",
-                            "metric"})  # metric: a watched Flower strategy's metric keys (lowres.federated.watch)
+                            "status", "metric"})  # status: a federation server's running | finished | failed
+# metric: a watched Flower strategy's metric keys (lowres.federated.watch), as many as the app defines
 
 
 @runtime_checkable
