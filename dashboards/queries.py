@@ -274,15 +274,19 @@ def federations(uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     ``lowres.command=fed`` with ``fed/...`` metrics per round (step = round); each client a child run
     (``mlflow.parentRunId``, tag ``lowres.client``) with ``fed/client/...`` metrics. Missing tags and metrics
     give empty cells, never errors."""
+    from lowres.federated.health import classify_run
+
     runs = _search_runs(uri, max_results=2000)
     c = _client(uri) if runs else None
     parents = {r.info.run_id: r for r in runs if _is_federation(r)}
     fed_rows, client_rows = [], []
     for rid, r in parents.items():
         m = r.data.metrics
+        health = classify_run(r)  # running | stalled | crashed | finished | failed, by heartbeat and end marker
         fed_rows.append({
             "run_id": rid, "federation": r.data.tags.get(TAG_FEDERATION) or r.info.run_name,
             "status": r.info.status, "started": pd.to_datetime(r.info.start_time, unit="ms", utc=True),
+            "health": health.state, "health_reason": health.reason, "heartbeat_age_s": health.heartbeat_age_s,
             "rounds": _rounds(r),
             "eval_loss": _first(m, "fed/central_eval_loss", "fed/federated_eval_loss", "fed/eval_loss"),
             "train_loss": _first(m, "fed/train_loss"),
@@ -303,13 +307,32 @@ def federations(uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             "last_report_s": _last_report_s(r), "failures": _sum(c, cid, "fed/client/failed") or 0.0,  # logged only when one fails
             "bytes_up": _sum(c, cid, "fed/client/bytes_up"), "train_loss": _first(m, "fed/client/train_loss"),
             "tokens_per_s": _first(m, "fed/client/tokens_per_second")})
-    feds = pd.DataFrame(fed_rows, columns=["run_id", "federation", "status", "started", "rounds", "eval_loss",
+    feds = pd.DataFrame(fed_rows, columns=["run_id", "federation", "status", "started", "health", "health_reason",
+                                           "heartbeat_age_s", "rounds", "eval_loss",
                                            "train_loss", "clients_accepted", "bytes_sent", "bytes_received",
                                            "failures", "rejected", "fed_metrics"])
     clients = pd.DataFrame(client_rows, columns=["federation_run_id", "client", "run_id", "status",
                                                  "last_report_s", "failures", "bytes_up", "train_loss",
                                                  "tokens_per_s"])
     return feds, clients
+
+
+def end_crashed_federations(uri: str, feds: pd.DataFrame) -> list[str]:
+    """End the RUNNING federations found crashed as FAILED, tagged crashed (lowres.federated.health), so the
+    page never leaves one RUNNING. Each is judged again from a fresh read first (``feds`` may be 30 s old).
+    Returns their names; the cached federations are dropped when one was ended."""
+    from lowres.federated.health import classify_run, end_crashed
+
+    ended = []
+    dead = feds[(feds["status"] == "RUNNING") & (feds["health"] == "crashed")]
+    for rid, name in zip(dead["run_id"], dead["federation"]):
+        health = classify_run(_client(uri).get_run(rid))
+        if health.state == "crashed":
+            end_crashed(rid, health, "the dashboard's Federations page", uri)
+            ended.append(name)
+    if ended:
+        federations.clear()
+    return ended
 
 
 def client_health(clients: pd.DataFrame, offline_after_s: float, now: float | None = None,

@@ -130,7 +130,7 @@ def test_promtool_checks_config_and_rules_and_runs_the_unit_tests():
 def test_every_alert_fires_in_a_unit_test():
     alerts = {r["alert"] for r in rules() if "alert" in r}
     assert {"LowresThroughputRegression", "LowresMemoryPressure", "LowresSwapGrowing", "LowresGpuHot",
-            "LowresFedClientOffline"} <= alerts
+            "LowresFedClientOffline", "LowresFedServerSilent", "LowresFedStalled"} <= alerts
     fired = set()
     for path in (PROM_DIR / "tests").glob("*.yml"):
         for case in yaml.safe_load(path.read_text())["tests"]:
@@ -215,7 +215,16 @@ def _push_stand_ins(pgw: str, fingerprint: str, late: bool) -> None:
             f'lowres_fed_client_failures_total{{{f},client="{c}"}} {n - 1}')),
         f'lowres_fed_client_last_report_timestamp_seconds{{{f},client="c1"}} {now}',
         f'lowres_fed_client_last_report_timestamp_seconds{{{f},client="c2"}} {now - 1000}',  # offline
+        # the server beats but made no round progress for 1000 s: LowresFedStalled
+        f"lowres_fed_server_heartbeat_timestamp_seconds{{{f}}} {now}",
+        f"lowres_fed_server_progress_timestamp_seconds{{{f}}} {now - 1000}",
+        *(f'lowres_fed_server_status{{{f},status="{s}"}} {int(s == "running")}' for s in ("running", "finished")),
     ])
+    # a server killed 1000 s ago: its last pushed heartbeat stays behind (LowresFedServerSilent)
+    g = f'federation="{FEDERATION}-killed"'
+    _push(pgw, "federation-killed", [f"lowres_fed_server_heartbeat_timestamp_seconds{{{g}}} {now - 1000}",
+                                     f"lowres_fed_server_progress_timestamp_seconds{{{g}}} {now - 1000}",
+                                     f'lowres_fed_server_status{{{g},status="running"}} 1'])
 
 
 def _test_config(exporter: str, pgw: str) -> str:
@@ -328,6 +337,8 @@ def test_every_dashboard_and_rule_expression_returns_data_from_a_real_profiled_r
                 assert {r["health"] for g in groups for r in g["rules"]} == {"ok"}, groups
                 assert alerts["LowresThroughputRegression"]["run"] == run
                 assert alerts["LowresFedClientOffline"]["client"] == "c2"
+                assert alerts["LowresFedStalled"]["federation"] == FEDERATION
+                assert alerts["LowresFedServerSilent"]["federation"] == f"{FEDERATION}-killed"
                 assert alerts["LowresMemoryPressure"]["host"] == PUSHED
     finally:
         workload.kill()

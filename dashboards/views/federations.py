@@ -3,7 +3,11 @@ health (online/offline by its last report) and failures.
 
 Read from MLflow: a federation is a parent run (tag ``lowres.command=fed``), each client a child run; its
 ``fed/...`` metrics are plotted whatever they are named. With Prometheus configured, a client's last report
-comes from ``lowres_fed_client_last_report_timestamp_seconds`` instead of its newest MLflow metric."""
+comes from ``lowres_fed_client_last_report_timestamp_seconds`` instead of its newest MLflow metric.
+
+Each federation's health (lowres.federated.health): running, stalled (beating, no round progress), crashed
+(RUNNING without an end marker and no heartbeat, or its server process gone), finished or failed. A crashed
+one still RUNNING in MLflow is ended FAILED here, tagged crashed, when the page notices."""
 
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ st.title("Federations")
 uri = queries.mlflow_uri()
 feds, clients = queries.federations(uri)
 st.caption(f"MLflow: `{redact_uri(uri)}`")
+ended = queries.end_crashed_federations(uri, feds) if not feds.empty else []
+if ended:
+    st.warning(f"Crashed, ended FAILED just now: {', '.join(ended)} (no heartbeat, or the server process is gone).")
+    feds, clients = queries.federations(uri)
 if feds.empty:
     st.info(queries.store_missing(uri) or "No federations yet: `lowres fed` logs one parent run per federation and a child run per client.")
     st.stop()
@@ -49,13 +57,22 @@ health = queries.client_health(clients, offline_after, prometheus_last=prom_last
 
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Federations", len(feds))
-c2.metric("Running", int((feds["status"] == "RUNNING").sum()))
+c2.metric("Running", int((feds["health"] == "running").sum()))
 c3.metric("Clients online", int((health["health"] == "online").sum()))
 c4.metric("Clients offline", int((health["health"] == "offline").sum()))
 
+HEALTH_COLOURS = {"running": "#d1e7dd", "finished": "#cfe2ff", "stalled": "#fff3cd", "crashed": "#f8d7da",
+                  "failed": "#f8d7da"}
 st.subheader("Federations")
-st.dataframe(feds[["federation", "status", "rounds", "eval_loss", "train_loss", "clients_accepted", "bytes_sent",
-                   "bytes_received", "failures", "rejected", "started", "run_id"]], hide_index=True)
+stalled = feds[feds["health"] == "stalled"]  # alive and stuck: someone should look now
+for name, why in zip(stalled["federation"], stalled["health_reason"]):
+    st.error(f"{name} is stalled: {why}")
+st.dataframe(feds[["federation", "health", "health_reason", "status", "rounds", "eval_loss", "train_loss",
+                   "clients_accepted", "bytes_sent", "bytes_received", "failures", "rejected", "started",
+                   "heartbeat_age_s", "run_id"]].style.map(
+    lambda h: f"background-color: {HEALTH_COLOURS[h]}" if h in HEALTH_COLOURS else "", subset=["health"]),
+    hide_index=True,
+    column_config={"heartbeat_age_s": st.column_config.NumberColumn("seconds since heartbeat", format="%.0f")})
 
 st.subheader("Clients")
 health = health.assign(last_report=pd.to_datetime(health["last_report_s"], unit="s", utc=True))
