@@ -28,6 +28,11 @@ def test_three_clients_two_rounds_on_ray(tmp_path, monkeypatch):
     c = client(uri)
     parent = c.get_run(res.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["lowres.federation"] == "tiny-sim"
+    # a clean end: the end marker, and the health every reader (page, `lowres fed status`) derives from it
+    from lowres.federated.health import classify_run
+
+    assert parent.data.tags["lowres.fed.status"] == "finished" and float(parent.data.tags["lowres.fed.ended"]) > 0
+    assert classify_run(parent).state == "finished"
     assert [m.step for m in c.get_metric_history(res.run_id, "fed/bytes_up")] == [1, 2]
     assert sorted(res.children) == ["client-00", "client-01", "client-02"]
     for child_id in res.children.values():
