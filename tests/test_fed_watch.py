@@ -213,3 +213,44 @@ def test_three_federations_at_once_each_on_its_own_series_and_run(flower_app, sc
     rows = feds.set_index("federation").loc[names]
     assert list(rows["rounds"]) == [ROUNDS] * 3 and list(rows["status"]) == ["FINISHED"] * 3
     assert list(rows["bytes_sent"]) == [sum(n for _, _, n in grids[name].down) for name in names]
+
+
+def test_a_silent_node_is_a_failure_and_prometheus_alone_works(flower_app, scrapes):
+    """A node that stops replying (killed) from round 2: each later train message to it is a recorded failure
+    and its bytes count as sent, unanswered; no client evaluation (fraction-evaluate 0); no MLflow at all."""
+    from flwr.app import Context, RecordDict
+
+    from lowres.federated.local_grid import LocalGrid
+
+    server_app, client_app, run_config = flower_app
+    run_config = {**run_config, "fraction-evaluate": 0.0}
+    grid = LocalGrid(client_app, NODES, run_config=run_config, drop={1: 2})
+    server_app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
+                             run_config={**run_config, "lowres-mlflow": False, "lowres-prometheus-port": 0}))
+    (text,) = scrapes.values()
+    name = "flower-run-7"  # no name given: the Flower run's id names it
+    fails = series(text, "lowres_fed_client_failures_total", federation=name)
+    assert {dict(k)["client"]: v for k, v in fails.items()} == {f"node-{grid.nodes[1]}": float(ROUNDS - 1)}
+    sent = {dict(k)["client"]: v for k, v in series(text, "lowres_fed_bytes_sent_total", federation=name).items()}
+    delivered = sum(n for _, node, n in grid.down if node == grid.nodes[1])
+    assert sent[f"node-{grid.nodes[1]}"] == delivered * ROUNDS  # one model each round; 2 never arrived
+    assert ("evaluate", "eval_loss") not in {(dict(k)["phase"], dict(k)["metric"])
+                                             for k in series(text, "lowres_fed_strategy_metric")}
+
+
+def test_wrong_inputs_are_refused_in_one_line(monkeypatch):
+    from flwr.serverapp.strategy import FedAvg
+
+    from lowres.federated.watch import watch
+
+    class OwnLoop(FedAvg):
+        def start(self, *args, **kwargs):
+            return super().start(*args, **kwargs)
+
+    with pytest.raises(TypeError, match="OwnLoop overrides start"):
+        watch(OwnLoop(), federation="x", mlflow=False)
+    with pytest.raises(TypeError, match="takes a Flower strategy"):
+        watch(object(), federation="x", mlflow=False)
+    monkeypatch.setenv("LOWRES_FED_PROMETHEUS_PORT", "nine")
+    with pytest.raises(ValueError, match="LOWRES_FED_PROMETHEUS_PORT='nine' is not a port number"):
+        watch(FedAvg(), federation="x", mlflow=False)
