@@ -116,6 +116,8 @@ class IndexConfig(_Section):
                                   "entry; a path on the server's machine; empty = plain HTTP")
     heartbeat_s: float = Field(30.0, gt=0, description="seconds between the entry's heartbeats (one tag write each)")
     experiment: str = "lowres-fed-index"
+    mlflow_uri: str | None = Field(None, description="the MLflow server holding the index; default "
+                                   "tracking.mlflow_uri")
 
     @model_validator(mode="after")
     def _address(self) -> "IndexConfig":

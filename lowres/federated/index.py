@@ -223,7 +223,7 @@ class Announcer:
     def __init__(self, fed: Any, fed_run_id: str | None, console: Any = None):
         from lowres.tracking.runs import start_run
 
-        self.uri, self.console, self.failures = fed.tracking.mlflow_uri, console, 0
+        self.uri, self.console, self.failures = fed.index.mlflow_uri or fed.tracking.mlflow_uri, console, 0
         self.interval = fed.index.heartbeat_s
         tags = announcement_tags(fed, fed_run_id)
         handle = start_run(fed.index.experiment, run_name=fed.federation, tracking_uri=self.uri, tags=tags)

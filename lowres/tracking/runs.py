@@ -46,8 +46,16 @@ class RunHandle:
 
 @functools.lru_cache(maxsize=8)
 def client(tracking_uri: str | None = None):
-    """An ``MlflowClient`` for the resolved URI, cached: a SQLite store checks its schema on first use."""
+    """An ``MlflowClient`` for the resolved URI, cached: a SQLite store checks its schema on first use.
+
+    MLflow's "View run at …" line is off unless the environment asks for it: on a server, printing it makes
+    every ended run fetch the whole run (params, metrics, tags) — the largest single cost of a federation's
+    tracking traffic (bench/monitor_traffic.py); lowres prints its own links (``run_page``)."""
+    import os
+
     from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     return MlflowClient(resolve_tracking_uri(tracking_uri))
 
