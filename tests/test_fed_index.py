@@ -1,15 +1,19 @@
-"""The federation index on a real `mlflow server`: announce, heartbeat, list, join look-up, reports, end."""
+"""The federation index on a real `mlflow server`: announce, heartbeat, list, join look-up, reports, end —
+and the Federations page showing it (AppTest), with its report form."""
 
 import json
 import time
 from pathlib import Path
 
 import pytest
+from streamlit.testing.v1 import AppTest
 
+from dash_helpers import APP
 from lowres.cli.app import main
 from lowres.federated import index
 from lowres.federated.config import load_fed_config
 from lowres.federated.deploy import make_certs
+from lowres.federated.monitor import FedMonitor
 from servers import mlflow_server, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,17 +38,20 @@ def test_index_announce_list_join_report_end_on_a_real_mlflow_server(tmp_path, c
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # join writes the CA to ~/.cache/lowres/index
     with mlflow_server() as uri:
         fed, certs = _fed(tmp_path, uri)
-        beacon = index.Announcer(fed, "parent-run-id")
+        monitor = FedMonitor("lab-fed", tracking_uri=uri)  # the federation's own run: the page's live figures
+        monitor.round_done(1, {"central_eval_loss": 2.5, "clients_accepted": 2.0})
+        beacon = index.Announcer(fed, monitor.run_id)
         try:
-            _check(uri, beacon, certs, tmp_path, capsys)
+            _check(uri, beacon, certs, tmp_path, capsys, monitor.run_id, monkeypatch)
         finally:
             beacon.close("FINISHED")
+            monitor.close()
 
 
-def _check(uri, beacon, certs, tmp_path, capsys):
+def _check(uri, beacon, certs, tmp_path, capsys, fed_run_id, monkeypatch):
     first = index.lookup(uri, "lab-fed")
     assert (first.superlink, first.model, first.rounds, first.codec, first.clients_wanted, first.fed_run_id) == \
-        ("127.0.0.1:8123", "tiny", 2, "int8/fp16", 2, "parent-run-id")
+        ("127.0.0.1:8123", "tiny", 2, "int8/fp16", 2, fed_run_id)
     assert first.root_cert == (certs / "ca.crt").read_text() and "PRIVATE" not in first.root_cert
     assert first.joinable and first.state() == "running"
     wait_until(lambda: index.lookup(uri, "lab-fed").heartbeat > first.heartbeat, 20, "a second heartbeat")
@@ -80,6 +87,25 @@ def _check(uri, beacon, certs, tmp_path, capsys):
     reports = index.lookup(uri, "lab-fed").reports
     assert [(r["category"], r["text"]) for r in reports] == [
         ("connection", "node 3 cannot reach the link"), ("malicious", "client-02 sends huge norms")]
+
+    # the Federations page: the joinable entry with its join count and live figures; a report filed in its form
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("LOWRES_PROMETHEUS_URL", raising=False)
+    at = AppTest.from_file(str(APP), default_timeout=90).run()
+    at.switch_page("views/federations.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = next(d.value for d in at.dataframe if "joins" in d.value.columns).set_index("federation").loc["lab-fed"]
+    assert (shown["state"], bool(shown["joinable"]), shown["joins"], shown["clients_wanted"], shown["rounds_done"],
+            shown["eval_loss"], shown["superlink"], bool(shown["tls"])) == \
+        ("running", True, 2, 2, 1, 2.5, "127.0.0.1:8123", True)
+    at.selectbox(key="report_fed").set_value("lab-fed")
+    at.selectbox(key="report_category").set_value("bug")
+    at.text_area(key="report_text").set_value("round 2 never ends")
+    at.button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [r["text"] for r in index.lookup(uri, "lab-fed").reports][-1] == "round 2 never ends"
+    page_reports = next(d.value for d in at.dataframe if "category" in d.value.columns)
+    assert "round 2 never ends" in set(page_reports["text"]) and len(page_reports) == 3
 
     # a federation announced without TLS is joined only with an explicit --insecure
     plain = index.Announcer(load_fed_config(REPO / "configs/fed/tiny-deploy.yaml", [

@@ -18,6 +18,7 @@ import streamlit as st
 from profiler.sinks.mlflow import redact_uri
 
 import queries
+import queries_index
 import queries_live
 
 # lowres.federated.monitor's per-round keys worth a chart by default; the picker offers every fed/ key
@@ -98,3 +99,47 @@ if shown:
             st.altair_chart(alt.Chart(part).mark_line(point=True).encode(
                 x=alt.X("step:Q", title="round"), y=alt.Y("value:Q", title=None), color="federation:N"
             ).properties(height=180), width="stretch")
+
+# ---------------------------------------------------------------------------------------------- the index
+st.subheader("Joinable federations (index)")
+try:
+    entries, reports = queries_index.index_entries(uri)
+except Exception as exc:  # an MLflow server that does not answer: the rest of the page still shows
+    entries, reports = None, None
+    st.warning(f"The federation index on {redact_uri(uri)} could not be read ({type(exc).__name__}: {exc}).")
+if entries is not None and entries.empty:
+    st.info("No federation is announced: `lowres fed run --superlink HOST:PORT --announce` lists one here, and "
+            "nodes join it with `lowres fed join NAME --data-path FILE`.")
+elif entries is not None:
+    live = queries.federations(uri)[0][["run_id", "health", "rounds", "eval_loss", "clients_accepted"]].rename(
+        columns={"run_id": "fed_run_id", "rounds": "rounds_done"})
+    shown_entries = entries.merge(live, on="fed_run_id", how="left")
+    st.caption("Join one with `lowres fed join NAME --data-path FILE --tracking-uri <this MLflow>`; only a running "
+               "federation with a fresh heartbeat is joinable.")
+    st.dataframe(shown_entries[["federation", "state", "joinable", "joins", "clients_wanted", "rounds_done", "rounds",
+                                "eval_loss", "clients_accepted", "superlink", "model", "codec", "tls",
+                                "heartbeat_age_s", "reports", "index_run_id"]], hide_index=True,
+                 column_config={"heartbeat_age_s": st.column_config.NumberColumn("seconds since heartbeat",
+                                                                                 format="%.0f")})
+    st.markdown("**Failure reports**")
+    if reports.empty:
+        st.caption("No reports yet.")
+    else:
+        st.dataframe(reports.sort_values("time", ascending=False), hide_index=True)
+    if "report_filed" in st.session_state:
+        st.success(f"Report filed with {st.session_state.pop('report_filed')}.")
+    with st.form("fed_report", clear_on_submit=True):
+        st.markdown("Report a failure (also: `lowres fed report NAME --category … --text …`)")
+        cols = st.columns([2, 1])
+        target = cols[0].selectbox("Federation", sorted(set(entries["federation"])), key="report_fed")
+        category = cols[1].selectbox("Category", ["bug", "connection", "malicious"], key="report_category")
+        text = st.text_area("What went wrong", max_chars=2000, key="report_text")
+        if st.form_submit_button("File report"):
+            from lowres.errors import LowresError
+
+            try:
+                queries_index.file_report(uri, target, category, text)
+                st.session_state["report_filed"] = target
+                st.rerun()  # the reports table above shows it
+            except LowresError as exc:
+                st.error(str(exc))
