@@ -11,6 +11,7 @@ Plain functions, then thin Flower handlers over them:
     client.py        a client's round: load global → train (the lowres recipe) → encode update; model cache
     server.py        the server's rounds over a Flower Grid: bounded waits, screening, checkpoints, eval
     monitor.py       MLflow (parent + child runs) and Prometheus (lowres_fed_*), offline detection
+    watch.py         any Flower app's strategy wrapped so its rounds are reported through monitor.py
     client_app.py, server_app.py   the Flower ClientApp / ServerApp handlers
     simulation.py    the simulation engine (Flower + Ray, in process)
     deploy.py        the deployment engine (SuperLink, SuperNodes, flwr run, TLS certificates)

@@ -19,10 +19,10 @@ the exact serialised bytes of each message's content each way per client (``wire
 ``lowres_fed_bytes_{sent,received}_total{client}``, ``fed/bytes_down``/``fed/bytes_up`` per round),
 failures (error replies and sampled nodes that never replied, per client), the round's wall time
 (``fed/round_seconds``), the part of it the wrapper itself took counting bytes and reporting
-(``fed/watch_seconds``: the cost of watching), and the strategy's own aggregated metrics: train as ``fed/train_<key>``, federated evaluation as
-``fed/federated_eval_<key>``, ``evaluate_fn``'s centralised one as ``fed/central_eval_<key>`` (a leading
-``train_``/``eval_`` of the key is not repeated), and all three as ``lowres_fed_strategy_metric{phase,
-metric}``. A client is named ``node-<node id>``.
+(``fed/watch_seconds``: the cost of watching), and the strategy's own aggregated metrics: train as
+``fed/train_<key>``, federated evaluation as ``fed/federated_eval_<key>``, ``evaluate_fn``'s centralised one
+as ``fed/central_eval_<key>`` (a leading ``train_``/``eval_`` of the key is not repeated), and all three as
+``lowres_fed_strategy_metric{phase, metric}``. A client is named ``node-<node id>``.
 
 Settings come from the keyword arguments, else from the Flower run config when ``context`` is given and
 the app declares the keys (Flower only accepts ``--run-config`` overrides of keys in the app's
@@ -144,6 +144,16 @@ class WatchedStrategy(Strategy):
         """The federation's MLflow parent run."""
         return self.monitor.run_id
 
+    def _size(self, content: Any) -> int:
+        """``wire.content_bytes``; a content Flower itself could not serialise is counted as 0 bytes and as a
+        failed tracking write rather than stopping the federation (DESIGN rule 8)."""
+        try:
+            return content_bytes(content)
+        except Exception as exc:
+            self.monitor.failures += 1
+            self.monitor.last_error = f"counting a message's bytes: {type(exc).__name__}: {exc}"
+            return 0
+
     # ------------------------------------------------------------------ the rounds
     def _open(self, rnd: int) -> dict[str, Any]:
         if self._round is not None and self._round["round"] != rnd:
@@ -162,7 +172,7 @@ class WatchedStrategy(Strategy):
         for msg in messages:
             key = id(msg.content)  # FedAvg sends one RecordDict to every node: serialise it once
             if key not in sizes:
-                sizes[key] = content_bytes(msg.content)
+                sizes[key] = self._size(msg.content)
             node = msg.metadata.dst_node_id
             sent[node] = sent.get(node, 0) + sizes[key]
             self.monitor.sent(client_name(node), sizes[key])
@@ -187,7 +197,7 @@ class WatchedStrategy(Strategy):
                 self.monitor.failure(rnd, who, f"{phase} error: {short_reason(reply.error.reason)}")
                 continue
             ok += 1
-            nbytes = content_bytes(reply.content)
+            nbytes = self._size(reply.content)
             fig["bytes_up"] += nbytes
             metrics = numeric_metrics(reply.content) | {"bytes_down": float(sent.get(node, 0))}
             self.monitor.reply(rnd, who, nbytes, metrics, prefix="fed/client/" if phase == "train"
@@ -268,7 +278,8 @@ class WatchedStrategy(Strategy):
 
         if self.monitor.run_id is not None:
             try:
-                log_params(self.monitor.run_id, {"num_rounds": num_rounds, "timeout": timeout}, self.monitor.tracking_uri)
+                log_params(self.monitor.run_id, {"num_rounds": num_rounds, "timeout": timeout},
+                           self.monitor.tracking_uri)
             except Exception as exc:  # tracking never stops a federation; counted like the monitor's own writes
                 self.monitor.failures += 1
                 self.monitor.last_error = f"{type(exc).__name__}: {exc}"
