@@ -220,6 +220,7 @@ def test_federations_show_rounds_bytes_failures_and_client_health(store_env):
     feds = at.dataframe[0].value.set_index("federation")
     alpha, beta = feds.loc["alpha"], feds.loc["beta"]
     assert (alpha["status"], alpha["rounds"], alpha["failures"]) == ("RUNNING", 3, 1)
+    assert (alpha["health"], beta["health"]) == ("running", "finished")  # alpha's server (this process) beats
     assert alpha["eval_loss"] == pytest.approx(2.7) and beta["eval_loss"] == pytest.approx(2.25)
     assert alpha["bytes_sent"] == 2 * 6000  # running: the rounds' bytes_down added up
     assert beta["bytes_sent"] == 6000 and beta["bytes_received"] == 2400  # closed: the monitor's totals
