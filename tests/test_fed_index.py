@@ -144,3 +144,7 @@ def test_a_silent_entry_is_not_joinable_and_a_key_is_never_published(tmp_path):
         index.announcement_tags(fed, None)
     with pytest.raises(Exception, match="index.superlink"):
         load_fed_config(REPO / "configs/fed/tiny-deploy.yaml", ["index.announce=true"])
+    # no store where the URI points: said, and no empty store created there
+    with pytest.raises(UsageError, match="no MLflow store at"):
+        index.report(f"sqlite:///{tmp_path / 'none.db'}", "f", "bug", "x")
+    assert not (tmp_path / "none.db").exists()

@@ -129,7 +129,13 @@ def join_count(uri: str | None, entry: Entry) -> int:
 def lookup(uri: str | None, name: str, experiment: str = INDEX_EXPERIMENT) -> Entry:
     """The newest entry of federation ``name``; UsageError naming the joinable ones when there is none."""
     from lowres.errors import UsageError
+    from profiler.sinks.mlflow import resolve_tracking_uri
 
+    resolved = resolve_tracking_uri(uri)
+    if resolved.startswith("sqlite:///") and not Path(resolved[len("sqlite:///"):]).exists():
+        # opening it would create an empty store here; the index is on the lab's server
+        raise UsageError(f"no MLflow store at {resolved}, so no federation index",
+                         hint="give the lab's server: --tracking-uri http://HOST:5000 or $MLFLOW_TRACKING_URI")
     all_entries = entries(uri, experiment)
     for e in all_entries:
         if e.federation == name:
