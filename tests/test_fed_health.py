@@ -25,6 +25,17 @@ from lowres.federated import health
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module: creating MLflow's schema costs seconds, so it is done once (each test
+    uses its own experiment; the killed server's is lowres fed's default, lowres-fed)."""
+    from lowres.tracking.runs import client
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('health') / 'mlflow.db'}"
+    client(uri).search_experiments()  # creates the schema
+    return uri
+
+
 def _tags(**extra):
     now = time.time()
     return {health.TAG_STATUS: "running", health.TAG_HEARTBEAT: str(now), health.TAG_PROGRESS: str(now), **extra}
@@ -77,12 +88,13 @@ def _scrape(url: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def test_heartbeat_and_end_marker_in_prometheus_and_mlflow(tmp_path):
+def test_heartbeat_and_end_marker_in_prometheus_and_mlflow(store):
     from lowres.federated.monitor import FedMonitor
     from lowres.tracking.runs import client
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mon = FedMonitor("beating", tracking_uri=uri, prometheus_port=0, heartbeat_s=0.2, crashed_after_s=5)
+    uri = store
+    mon = FedMonitor("beating", tracking_uri=uri, experiment="health-beat", prometheus_port=0, heartbeat_s=0.2,
+                     crashed_after_s=5)
     seen, stop = [], threading.Event()
 
     def scraper():  # Prometheus' part: scrape every 0.2 s until the exporter is gone
@@ -117,7 +129,7 @@ def test_heartbeat_and_end_marker_in_prometheus_and_mlflow(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags[health.TAG_STATUS] == "finished"
     assert health.classify_run(run).state == "finished"
 
-    failing = FedMonitor("failing", tracking_uri=uri)
+    failing = FedMonitor("failing", tracking_uri=uri, experiment="health-beat")
     failing.close("FAILED")  # run_federation's handled error
     run = client(uri).get_run(failing.run_id)
     assert run.info.status == "FAILED" and health.classify_run(run).state == "failed"
@@ -133,7 +145,10 @@ def _cli(*args: str) -> str:
 
 
 def _federations_page(uri: str, monkeypatch):
+    import streamlit as st
     from streamlit.testing.v1 import AppTest
+
+    st.cache_data.clear()  # the page's readers cache for 30 s within this process; each test reads afresh
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("LOWRES_PROMETHEUS_URL", raising=False)
@@ -154,10 +169,10 @@ def _wait_for_round(log: Path, proc: subprocess.Popen, timeout_s: float) -> None
 
 
 @pytest.mark.timeout(300)
-def test_a_server_killed_mid_run_is_crashed_on_the_cli_and_the_page(tmp_path, monkeypatch):
+def test_a_server_killed_mid_run_is_crashed_on_the_cli_and_the_page(store, tmp_path, monkeypatch):
     from lowres.tracking.runs import client
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store
     cmd = [sys.executable, "-m", "lowres.cli.app", "fed", "run", "--config", str(ROOT / "configs/fed/tiny-sim.yaml"),
            "--set", "clients=1", "--set", "robustness.min_available=1", "--set", "robustness.min_clients=1",
            "--set", "local_steps=1", "--set", "rounds=50", "--set", "run.train.warmup_steps=0",
@@ -196,14 +211,14 @@ def test_a_server_killed_mid_run_is_crashed_on_the_cli_and_the_page(tmp_path, mo
     assert feds.loc["tiny-sim", "rounds"] >= 1
 
 
-def test_the_page_ends_a_crashed_federation_it_notices(tmp_path, monkeypatch):
+def test_the_page_ends_a_crashed_federation_it_notices(store, monkeypatch):
     from lowres.federated.monitor import FedMonitor
     from lowres.tracking.runs import client, set_tags
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    alive = FedMonitor("alive", tracking_uri=uri)
+    uri = store
+    alive = FedMonitor("alive", tracking_uri=uri, experiment="health-page")
     alive.round_started(1)
-    dead = FedMonitor("silent", tracking_uri=uri)
+    dead = FedMonitor("silent", tracking_uri=uri, experiment="health-page")
     dead.round_started(1)
     dead._stop.set()  # its threads stop as a killed server's would; it never closes
     set_tags(dead.run_id, {health.TAG_HEARTBEAT: str(time.time() - 600)}, uri)
