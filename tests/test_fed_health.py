@@ -69,6 +69,8 @@ def test_classification_of_heartbeat_progress_process_and_end_marker():
     # the same pid on another machine says nothing
     elsewhere = {**_dead_pid_tags(), health.TAG_HEARTBEAT: str(now), health.TAG_HOST: "another-host"}
     assert health.classify("RUNNING", elsewhere, now).state == "running"
+    other_ns = {**_dead_pid_tags(), health.TAG_HEARTBEAT: str(now), health.TAG_PID_NS: "1"}  # another container
+    assert health.classify("RUNNING", other_ns, now).state == "running"
     # this process, alive: running
     assert health.classify("RUNNING", health.server_tags(30, 120, 900), now).state == "running"
     # end markers win over MLflow's status; runs of an older lowres fall back to it and to their metrics

@@ -4,7 +4,7 @@ A federation's server (lowres.federated.monitor.FedMonitor, used by lowres' own 
 around stock Flower strategies) writes, on its MLflow parent run:
 
 - at start: ``lowres.fed.status=running``, where it runs (``lowres.fed.server_host`` / ``_boot`` / ``_pid`` /
-  ``_pid_started``) and its thresholds (``lowres.fed.heartbeat_s``, ``crashed_after_s``, ``stalled_after_s``);
+  ``_pid_started`` / ``_pid_ns``) and its thresholds (``lowres.fed.heartbeat_s``, ``crashed_after_s``, ``stalled_after_s``);
 - every ``heartbeat_s`` (default 30 s): ``lowres.fed.heartbeat`` and ``lowres.fed.progress`` (Unix seconds of
   the beat and of the last round progress: a round started or finished, a reply or a failure recorded), in one
   ``log_batch`` of two tags — tags overwrite, so a long federation does not grow the store;
@@ -16,7 +16,8 @@ apart, in this order:
 
 - ``finished`` / ``failed``: the end marker (or, for runs without one, MLflow's status FINISHED / other);
 - ``crashed``: the run is still RUNNING, no end marker, and either its server process is gone (only judged on
-  the server's own machine: same host name and boot time; the pid's start time guards against a reused pid)
+  the server's own machine: same host name, boot time and pid namespace — a container on the same kernel may
+  share the first two —; the pid's start time guards against a reused pid)
   or its heartbeat is older than ``crashed_after_s`` (default 120 s: four missed 30 s heartbeats);
 - ``stalled``: the heartbeat is fresh but there was no round progress for ``stalled_after_s`` (default 900 s,
   above the default 600 s round timeout: a round may legitimately wait that long for its slowest reply);
@@ -47,6 +48,7 @@ TAG_PROGRESS = "lowres.fed.progress"
 TAG_ENDED = "lowres.fed.ended"
 TAG_HOST, TAG_BOOT, TAG_PID, TAG_PID_STARTED = ("lowres.fed.server_host", "lowres.fed.server_boot",
                                                 "lowres.fed.server_pid", "lowres.fed.server_pid_started")
+TAG_PID_NS = "lowres.fed.server_pid_ns"  # containers on one kernel share host name and boot time, not pids
 TAG_HEARTBEAT_S, TAG_CRASHED_AFTER_S, TAG_STALLED_AFTER_S = ("lowres.fed.heartbeat_s", "lowres.fed.crashed_after_s",
                                                              "lowres.fed.stalled_after_s")
 TAG_NOTICED, TAG_NOTICED_BY, TAG_REASON = ("lowres.fed.crash_noticed", "lowres.fed.crash_noticed_by",
@@ -81,7 +83,16 @@ def server_tags(heartbeat_s: float, crashed_after_s: float, stalled_after_s: flo
     return {TAG_STATUS: "running", TAG_HEARTBEAT: f"{now:.1f}", TAG_PROGRESS: f"{now:.1f}",
             TAG_HOST: socket.gethostname(), TAG_BOOT: f"{psutil.boot_time():.0f}", TAG_PID: str(me.pid),
             TAG_PID_STARTED: f"{me.create_time():.2f}", TAG_HEARTBEAT_S: f"{heartbeat_s:g}",
-            TAG_CRASHED_AFTER_S: f"{crashed_after_s:g}", TAG_STALLED_AFTER_S: f"{stalled_after_s:g}"}
+            TAG_CRASHED_AFTER_S: f"{crashed_after_s:g}", TAG_STALLED_AFTER_S: f"{stalled_after_s:g}",
+            TAG_PID_NS: _pid_namespace()}
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace (Linux: the inode of /proc/self/ns/pid), "" where there is none."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 def beat_tags(now: float, progress: float) -> dict[str, str]:
@@ -108,7 +119,7 @@ def process_gone(tags: Mapping[str, str]) -> str | None:
 
     pid, started, boot = _float(tags, TAG_PID), _float(tags, TAG_PID_STARTED), _float(tags, TAG_BOOT)
     if pid is None or tags.get(TAG_HOST) != socket.gethostname() or boot is None \
-            or abs(boot - psutil.boot_time()) > 2:
+            or abs(boot - psutil.boot_time()) > 2 or tags.get(TAG_PID_NS, "") != _pid_namespace():
         return None
     where = f"server process {int(pid)} on {tags[TAG_HOST]}"
     try:
