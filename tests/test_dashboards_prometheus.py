@@ -43,7 +43,6 @@ DATASOURCE_UID = "lowres-prometheus"
 # server emits the lowres_fed_* ones (labels federation, client), a baseline recorder the last one (labels
 # fingerprint[, config]). dashboards/README.md documents them; a name here that the catalog gains is fine.
 EXPECTED_ELSEWHERE = {
-    "lowres_fed_rounds_total",
     "lowres_fed_round_seconds",
     "lowres_fed_eval_loss",
     "lowres_fed_bytes_sent_total",
@@ -207,7 +206,7 @@ def _push_stand_ins(pgw: str, fingerprint: str, late: bool) -> None:
     f = f'federation="{FEDERATION}"'
     n = 2 if late else 1
     _push(pgw, "federation", [
-        f"lowres_fed_rounds_total{{{f}}} {n}", f"lowres_fed_round_seconds{{{f}}} 12.5",
+        f"lowres_fed_round{{{f}}} {n}", f"lowres_fed_round_seconds{{{f}}} 12.5",
         f"lowres_fed_eval_loss{{{f}}} {3.1 - n / 10}",
         *(line for c in ("c1", "c2") for line in (
             f'lowres_fed_bytes_sent_total{{{f},client="{c}"}} {n * 1e6}',
