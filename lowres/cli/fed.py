@@ -197,6 +197,10 @@ def join_cmd(
         raise UsageError("a joining node needs its data: --data-path FILE (or --partition-id with --num-partitions "
                          "on the server's machine)")
     entry = joinable_entry(tracking_uri, name)
+    host, _, sport = entry.superlink.rpartition(":")
+    if not host or not sport.isdigit():
+        raise UsageError(f"the index entry of {name!r} names no SuperLink HOST:PORT (got {entry.superlink!r})",
+                         hint="its server must announce with --superlink HOST:PORT; report it with `lowres fed report`")
     root_cert = None
     if entry.root_cert:
         folder = Path.home() / ".cache" / "lowres" / "index"
