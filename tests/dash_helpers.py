@@ -84,6 +84,8 @@ def seed_federations(uri: str) -> dict[str, str]:
                                  "central_eval_loss": 3.0 - rnd / (10 if fed == "alpha" else 4)})
         if finish:
             mon.close("FINISHED", step=3)
+        else:
+            mon.flush()  # left running: its queued MLflow writes are in the store before the page reads them
         out[fed] = mon.run_id
     return out
 

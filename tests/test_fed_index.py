@@ -40,6 +40,7 @@ def test_index_announce_list_join_report_end_on_a_real_mlflow_server(tmp_path, c
         fed, certs = _fed(tmp_path, uri)
         monitor = FedMonitor("lab-fed", tracking_uri=uri)  # the federation's own run: the page's live figures
         monitor.round_done(1, {"central_eval_loss": 2.5, "clients_accepted": 2.0})
+        monitor.flush()  # MLflow writes are queued (mlflow_writer): in the store before the page reads them
         beacon = index.Announcer(fed, monitor.run_id)
         try:
             _check(uri, beacon, certs, tmp_path, capsys, monitor.run_id, monkeypatch)

@@ -14,6 +14,12 @@ waits (at most 3 scrape intervals, ≤ 30 s) for one more scrape so the marker i
 
 MLflow keys: ``fed/...`` on the parent run (step = round), ``fed/client/...`` on each child run. Tracking
 never kills a federation (DESIGN rule 8): a failing MLflow write is counted and reported at the end.
+
+MLflow writes are queued, not made in the caller's thread (``lowres.federated.mlflow_writer``): a writer
+thread sends them as one ``log_batch`` per run at each round's end (``round_done``), every
+``mlflow_flush_s`` seconds and at ``close()``, which drains the queue first; ``flush()`` waits for what is
+queued. Even a client's child run is created by the writer. ``mlflow_flush_s=None`` writes synchronously,
+one request per event (how it was before; ``bench/fed_watch.py`` compares the two).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ class FedMonitor:
     def __init__(self, federation: str, *, mlflow: bool = True, tracking_uri: str | None = None,
                  experiment: str = "lowres-fed", prometheus_port: int | None = None, offline_after_s: float = 120.0,
                  params: dict | None = None, console: Any = None, heartbeat_s: float = health.HEARTBEAT_S,
-                 crashed_after_s: float = health.CRASHED_AFTER_S, stalled_after_s: float = health.STALLED_AFTER_S):
+                 crashed_after_s: float = health.CRASHED_AFTER_S, stalled_after_s: float = health.STALLED_AFTER_S,
+                 mlflow_flush_s: float | None = 2.0):
         self.federation, self.offline_after_s, self.console = federation, offline_after_s, console
         self.heartbeat_s, self._thresholds = heartbeat_s, (heartbeat_s, crashed_after_s, stalled_after_s)
         self._progress = time.time()
@@ -55,6 +62,11 @@ class FedMonitor:
             self._write("lowres_fed_server_progress_timestamp_seconds", self._progress)
         if mlflow:
             self._safe(self._start_parent, experiment, tracking_uri, params or {})
+        self._writer = None
+        if self.run_id is not None and mlflow_flush_s is not None:
+            from lowres.federated.mlflow_writer import BatchWriter
+
+            self._writer = BatchWriter(self.tracking_uri, self._resolve, self._write_failed, flush_s=mlflow_flush_s)
         self._write("lowres_fed_server_heartbeat_timestamp_seconds", time.time())  # MLflow's start may be slow
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._watch_offline, name="fed-offline", daemon=True)
@@ -93,12 +105,36 @@ class FedMonitor:
 
         log_metrics(run_id, metrics, step, tracking_uri=self.tracking_uri)
 
+    def _record(self, client: str | None, metrics: dict[str, float], step: int) -> None:
+        """``metrics`` at ``step`` on the parent run (``client`` None) or the client's child run: queued for
+        the writer thread, or written now when there is none (``mlflow_flush_s=None``)."""
+        if self.run_id is None or not metrics:
+            return
+        if self._writer is not None:
+            self._safe(self._writer.metrics, client, metrics, step)
+            return
+        run_id = self.run_id if client is None else self._safe(self._child, client)
+        self._safe(self._log, run_id, metrics, step)
+
+    def _resolve(self, client: str | None) -> str | None:
+        """The writer's run id for a key: the parent run, or the client's child run (created on first use)."""
+        return self.run_id if client is None else self._child(client)
+
+    def _write_failed(self, count: int, exc: Exception) -> None:
+        with self._lock:
+            self.failures += count
+            self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def flush(self) -> None:
+        """Wait until every MLflow write queued so far is written (or failed and counted)."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def _safe(self, fn, *args) -> Any:
         try:
             return fn(*args)
         except Exception as exc:  # instrumentation never kills a run; counted, reported at close
-            self.failures += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._write_failed(1, exc)
             return None
 
     # ------------------------------------------------------------------ Prometheus
@@ -180,10 +216,8 @@ class FedMonitor:
                           ("cpu_utilization_ratio", "lowres_fed_client_cpu_utilization_ratio")):
             if key in metrics:
                 self._write(name, metrics[key], client)
-        child = self._safe(self._child, client)
         prefix = prefix or ("fed/client/" if kind == "train" else "fed/client/final_")
-        self._safe(self._log, child, {f"{prefix}{k}": v for k, v in metrics.items()} | {f"{prefix}bytes_up": nbytes},
-                   rnd)
+        self._record(client, {f"{prefix}{k}": v for k, v in metrics.items()} | {f"{prefix}bytes_up": nbytes}, rnd)
 
     def failure(self, rnd: int, client: str, reason: str, rejected: bool = False) -> None:
         """A client failed this round (error, timeout) or its update was rejected."""
@@ -191,8 +225,7 @@ class FedMonitor:
         self._add("lowres_fed_client_failures_total", client, 1)
         if rejected:
             self._add("lowres_fed_updates_rejected_total", client, 1)
-        child = self._safe(self._child, client)
-        self._safe(self._log, child, {"fed/client/failed": 1.0, "fed/client/rejected": float(rejected)}, rnd)
+        self._record(client, {"fed/client/failed": 1.0, "fed/client/rejected": float(rejected)}, rnd)
         if self.console is not None:
             self.console.print(f"round {rnd}: {client} {'rejected' if rejected else 'failed'}: {reason}",
                                highlight=False)
@@ -205,7 +238,9 @@ class FedMonitor:
                           ("federated_eval_loss", "lowres_fed_federated_eval_loss")):
             if key in figures:
                 self._write(name, figures[key])
-        self._safe(self._log, self.run_id, {f"fed/{k}": v for k, v in figures.items()}, rnd)
+        self._record(None, {f"fed/{k}": v for k, v in figures.items()}, rnd)
+        if self._writer is not None:
+            self._writer.kick()  # a round's end: its writes go out now, not after flush_s
 
     def strategy_metrics(self, phase: str, metrics: dict[str, float]) -> None:
         """A watched Flower strategy's aggregated metrics of the last round (``lowres.federated.watch``) as
@@ -245,7 +280,7 @@ class FedMonitor:
         self._watch.join(timeout=2)
         if self._beat.is_alive():
             self._beat.join(timeout=2)
-        self._safe(self._log, self.run_id, {f"fed/{k}": v for k, v in self.totals().items()}, step)
+        self._record(None, {f"fed/{k}": v for k, v in self.totals().items()}, step)
         marker = health.end_tags(status)
         if self.exporter is not None:
             self._write("lowres_fed_server_heartbeat_timestamp_seconds", time.time())
@@ -255,8 +290,11 @@ class FedMonitor:
             from lowres.tracking import end_run
             from lowres.tracking.runs import set_tags
 
-            self._safe(set_tags, self.run_id, marker, self.tracking_uri)
-
+            if self._writer is not None:  # the end marker rides with the last batch; drained before the runs end
+                self._safe(self._writer.tags, None, marker)
+                self._writer.close()
+            else:
+                self._safe(set_tags, self.run_id, marker, self.tracking_uri)
             for child in self.children.values():
                 self._safe(end_run, child, status, self.tracking_uri)
             self._safe(end_run, self.run_id, status, self.tracking_uri)

@@ -323,6 +323,7 @@ def run_federation(grid: Any, fed: FedConfig, console: Any = None, prep: Prepare
     try:
         beacon = announcer(fed, monitor.run_id, console)  # the index entry on the lab's MLflow (index.announce)
         result = run_rounds(grid, fed, prep, monitor, console)
+        monitor.flush()  # the writer thread creates the clients' runs: all of them, before they are listed
         result.run_id, result.children = monitor.run_id, dict(monitor.children)
         status = "FINISHED"
         return result
