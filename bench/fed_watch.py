@@ -5,10 +5,15 @@ on synthetic data, stock FedAvg, the strategy wrapped by ``lowres.federated.watc
 same app with the wrap replaced by the bare strategy. Each federation is its own process (its own server,
 as on a lab machine), 3 clients through lowres' in-process LocalGrid (every message serialised and parsed
 as on the wire), MLflow into its own SQLite file (created before the clock starts, as a lab's store exists
-before its federations) and a Prometheus exporter on a free port. Four conditions,
+before its federations) and a Prometheus exporter on a free port. Six conditions,
 interleaved in a shuffled order and repeated:
 
-    1 unwatched · 1 watched · 3 unwatched at once · 3 watched at once
+    1 or 3 at once × unwatched · watched · watched with synchronous MLflow writes
+
+"watched" is the monitor as it ships: its MLflow writes queued and sent by a writer thread as one
+``log_batch`` per run at each round's end (lowres.federated.mlflow_writer); "sync" makes them in the round's
+thread, one request per reply and figure (``FedMonitor(mlflow_flush_s=None)``, how it was before), so the
+two are compared side by side in one run, under the same load.
 
 Timed: each federation's ServerApp call (rounds, evaluation and, when watched, the MLflow runs and the
 exporter), after the process has imported everything. Printed: medians and spread per condition, and
@@ -17,13 +22,15 @@ exporter), after the process has imported everything. Printed: medians and sprea
     watch_overhead_3   the same with three federations at once: how much watching slows a federation when
                        others run beside it (≈ watch_overhead_1 means the federations do not slow each other
                        through the monitoring)
+    sync_overhead_1/3  the same with synchronous MLflow writes
     concurrency_3      3 unwatched at once / 1 unwatched: what sharing the cores costs, monitoring aside
 
     python bench/fed_watch.py               # 3 repeats, 3 rounds of 2 local epochs
     python bench/fed_watch.py --repeats 5 --epochs 5
 
-Last line: ``RESULT watch_overhead_1=… watch_overhead_3=… concurrency_3=… watch_share=…`` (watch_share: the
-wrapper's own time, ``fed/watch_seconds``, over the round time, with three at once).
+Last line: ``RESULT watch_overhead_1=… watch_overhead_3=… sync_overhead_1=… sync_overhead_3=… concurrency_3=…
+watch_share=… sync_watch_share=…`` (watch_share: the wrapper's own time, ``fed/watch_seconds``, over the round
+time, with three at once; sync_watch_share: the same with synchronous writes).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "flower_apps" / "quickstart_pytorch"
 
 
-def federation(name: str, watched: bool, epochs: int, rounds: int, folder: str, start, out) -> None:
+def federation(name: str, mode: str, epochs: int, rounds: int, folder: str, start, out) -> None:
     """One federation in this process: wait for ``start`` (all siblings imported), run, put the figures."""
     import logging
 
@@ -61,8 +68,14 @@ def federation(name: str, watched: bool, epochs: int, rounds: int, folder: str, 
 
     from lowres.federated.local_grid import LocalGrid
 
+    watched = mode != "off"
     if not watched:
         server_module.watch = lambda strategy, context: strategy
+    if mode == "sync":  # the monitor's MLflow writes in the round's thread, one request each (the old way)
+        from lowres.federated import monitor
+
+        init = monitor.FedMonitor.__init__
+        monitor.FedMonitor.__init__ = lambda self, *a, **k: init(self, *a, **{"mlflow_flush_s": None, **k})
     uri = f"sqlite:///{Path(folder) / (name + '.db')}"
     run_config = get_fused_config_from_dir(APP, {"num-server-rounds": rounds, "local-epochs": epochs})
     from mlflow.tracking import MlflowClient
@@ -90,11 +103,11 @@ def federation(name: str, watched: bool, epochs: int, rounds: int, folder: str, 
     out.put((name, wall, watch_s, round_s))
 
 
-def condition(n: int, watched: bool, epochs: int, rounds: int, tag: str) -> list[tuple]:
+def condition(n: int, mode: str, epochs: int, rounds: int, tag: str) -> list[tuple]:
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="fed-watch-") as folder:
-        procs = [ctx.Process(target=federation, args=(f"{tag}-{i}", watched, epochs, rounds, folder, start, out))
+        procs = [ctx.Process(target=federation, args=(f"{tag}-{i}", mode, epochs, rounds, folder, start, out))
                  for i in range(n)]
         for p in procs:
             p.start()
@@ -128,27 +141,30 @@ def main() -> None:
     hw = detect()
     print(f"CPU: {hw.cpu.model}, {hw.cpu.logical_cores} threads, tier {hw.tier}; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
-    plan = [(n, w) for n in (1, 3) for w in (False, True)] * args.repeats
+    modes = {"off": "unwatched", "async": "watched", "sync": "watched, sync MLflow"}
+    plan = [(n, m) for n in (1, 3) for m in modes] * args.repeats
     random.Random(0).shuffle(plan)
-    walls: dict[tuple[int, bool], list[float]] = {}
-    watch_s = round_s = 0.0
-    for k, (n, w) in enumerate(plan):
-        res = condition(n, w, args.epochs, args.rounds, f"r{k}")
-        walls.setdefault((n, w), []).extend(r[1] for r in res)
-        if n == 3 and w:
-            watch_s += sum(r[2] for r in res)
-            round_s += sum(r[3] for r in res)
-        print(f"{k + 1}/{len(plan)}: {n} {'watched' if w else 'unwatched'}: "
-              + ", ".join(f"{r[1]:.2f} s" for r in res), flush=True)
+    walls: dict[tuple[int, str], list[float]] = {}
+    watch_s = {m: 0.0 for m in modes}
+    round_s = {m: 0.0 for m in modes}
+    for k, (n, m) in enumerate(plan):
+        res = condition(n, m, args.epochs, args.rounds, f"r{k}")
+        walls.setdefault((n, m), []).extend(r[1] for r in res)
+        if n == 3:
+            watch_s[m] += sum(r[2] for r in res)
+            round_s[m] += sum(r[3] for r in res)
+        print(f"{k + 1}/{len(plan)}: {n} {modes[m]}: " + ", ".join(f"{r[1]:.2f} s" for r in res), flush=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
-    for (n, w), v in sorted(walls.items()):
-        print(f"{n} {'watched  ' if w else 'unwatched'}: median {med[(n, w)]:.2f} s per federation "
+    for (n, m), v in sorted(walls.items()):
+        print(f"{n} {modes[m]:20s}: median {med[(n, m)]:.2f} s per federation "
               f"(min {min(v):.2f}, max {max(v):.2f}, {len(v)} runs)")
-    o1, o3 = med[(1, True)] / med[(1, False)], med[(3, True)] / med[(3, False)]
-    conc = med[(3, False)] / med[(1, False)]
-    share = watch_s / round_s if round_s else float("nan")
-    print(f"RESULT watch_overhead_1={o1:.3f} watch_overhead_3={o3:.3f} concurrency_3={conc:.3f} "
-          f"watch_share={share:.4f}")
+    o1, o3 = med[(1, "async")] / med[(1, "off")], med[(3, "async")] / med[(3, "off")]
+    s1, s3 = med[(1, "sync")] / med[(1, "off")], med[(3, "sync")] / med[(3, "off")]
+    conc = med[(3, "off")] / med[(1, "off")]
+    share = {m: watch_s[m] / round_s[m] if round_s[m] else float("nan") for m in ("async", "sync")}
+    print(f"RESULT watch_overhead_1={o1:.3f} watch_overhead_3={o3:.3f} sync_overhead_1={s1:.3f} "
+          f"sync_overhead_3={s3:.3f} concurrency_3={conc:.3f} watch_share={share['async']:.4f} "
+          f"sync_watch_share={share['sync']:.4f}")
 
 
 if __name__ == "__main__":
