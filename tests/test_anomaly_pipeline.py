@@ -102,3 +102,25 @@ def test_a_rerun_in_the_same_folder_trains_afresh(run):
     again = run_pipeline(load_anomaly_config(None, SMALL + [f"output_dir={out}"]), say=said.append)
     assert any("replacing" in s and "fedavg" in s for s in said)
     assert 0.0 <= again["f1_fedavg"] <= 1.0 and again["fedavg_bytes_per_client"] == first["fedavg_bytes_per_client"]
+
+
+def test_the_mlflow_run_is_tagged_with_the_machine_and_goes_where_told(tmp_path):
+    """An anomaly run lands in the store `--tracking-uri` names, tagged with the hardware fingerprint and tier
+    like a training run (so two lab machines' runs compare), its figures under eval/ fed/ anomaly/, and the URI
+    itself is not logged as a param."""
+    import mlflow
+
+    from lowres.anomaly.pipeline import _log_mlflow, load_anomaly_config
+    from lowres.hardware import detect
+    from lowres.tracking.runs import TAG_FINGERPRINT, TAG_TIER
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = load_anomaly_config(None, [f"output_dir={tmp_path / 'out'}", f"tracking_uri={uri}", "experiment=anom-t"])
+    r = {"f1_student": 0.8, "method_bytes_up_per_client": 1200.0, "latency_ratio": 0.05, "note": "text"}
+    _log_mlflow(cfg, r)
+    run = mlflow.MlflowClient(uri).get_run(r["mlflow_run_id"])
+    hw = detect()
+    assert run.data.tags[TAG_FINGERPRINT] == hw.fingerprint and run.data.tags[TAG_TIER] == hw.tier
+    assert run.data.metrics == {"eval/f1_student": 0.8, "fed/method_bytes_up_per_client": 1200.0,
+                                "anomaly/latency_ratio": 0.05}
+    assert "tracking_uri" not in run.data.params and run.info.status == "FINISHED"

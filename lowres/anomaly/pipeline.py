@@ -70,6 +70,8 @@ class AnomalyConfig(BaseModel):
     seed: int = 0
     mlflow: bool = True
     experiment: str = "lowres-anomaly"
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                     "lowres' local store)")
 
 
 def load_anomaly_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AnomalyConfig:
@@ -302,12 +304,17 @@ def run_pipeline(cfg: AnomalyConfig, say=print) -> dict[str, Any]:
 
 def _log_mlflow(cfg: AnomalyConfig, r: dict[str, Any]) -> None:
     """One MLflow run: the config as params, every figure under eval/, fed/ and system/ names."""
+    from lowres.hardware import detect
     from lowres.tracking.runs import end_run, log_metrics, log_params, start_run
 
-    handle = start_run(cfg.experiment, run_name="anomaly-hdfs", tags={"lowres.task": "anomaly"})
-    log_params(handle.run_id, cfg.model_dump(mode="json"))
+    hw = detect()  # tagged like training runs, so runs of two lab machines compare
+    handle = start_run(cfg.experiment, run_name="anomaly-hdfs", tracking_uri=cfg.tracking_uri,
+                       fingerprint=hw.fingerprint, tier=hw.tier, tags={"lowres.task": "anomaly"})
+    uri = handle.tracking_uri
+    log_params(handle.run_id, cfg.model_dump(mode="json", exclude={"tracking_uri"}), uri)  # where, not what
     prefix = lambda k: ("eval/" if k.startswith(("f1", "precision", "recall", "pseudo", "auroc")) else  # noqa: E731
                         "fed/" if "bytes_" in k and "param" not in k and "rss" not in k else "anomaly/")
-    log_metrics(handle.run_id, {prefix(k) + k: float(v) for k, v in r.items() if isinstance(v, (int, float))}, 0)
-    end_run(handle.run_id)
+    log_metrics(handle.run_id, {prefix(k) + k: float(v) for k, v in r.items() if isinstance(v, (int, float))}, 0,
+                tracking_uri=uri)
+    end_run(handle.run_id, tracking_uri=uri)
     r["mlflow_run_id"] = handle.run_id

@@ -26,12 +26,17 @@ def run(
     json_output: Annotated[bool, typer.Option("--json", help="Print every figure as JSON on stdout.")] = False,
     output_dir: Annotated[str | None, typer.Option("--output", "-o", help="Folder of the run's files "
                                                    "(output_dir).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow server or store for the run "
+                                                     "(default: $MLFLOW_TRACKING_URI, else lowres' local "
+                                                     "store).")] = None,
 ) -> None:
     """Train teachers, score the public set, pseudo-label, train and save the student; compare with FedAvg."""
     from lowres.anomaly.pipeline import load_anomaly_config, run_pipeline
 
     if output_dir is not None:
         overrides = list(overrides or []) + [f"output_dir={json.dumps(output_dir)}"]
+    if tracking_uri is not None:
+        overrides = list(overrides or []) + [f"tracking_uri={json.dumps(tracking_uri)}"]
 
     console = Console(stderr=True)
     cfg = load_anomaly_config(config, overrides)
