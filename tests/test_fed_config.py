@@ -32,3 +32,15 @@ def test_errors_name_the_field():
         assert needle in text
     with pytest.raises(ConfigError, match="lora.rank"):
         load_fed_config(CONFIGS[0], ["client_overrides={0: [lora.rank=0]}"])
+
+
+def test_stalled_must_outlast_a_round_timeout():
+    """A round may wait round_timeout_s for replies: the stalled threshold must be longer. Left at its default
+    it follows a long timeout; set explicitly too low it is refused, naming both fields."""
+    fed = load_fed_config(CONFIGS[0], ["robustness.round_timeout_s=1800"])
+    assert fed.tracking.stalled_after_s == 2700
+    assert load_fed_config(CONFIGS[0], ["robustness.round_timeout_s=60"]).tracking.stalled_after_s == 900
+    with pytest.raises(ConfigError) as err:
+        load_fed_config(CONFIGS[0], ["robustness.round_timeout_s=600", "tracking.stalled_after_s=300"])
+    text = str(err.value) + " ".join(getattr(err.value, "problems", []) or [])
+    assert "tracking.stalled_after_s" in text and "round_timeout_s" in text

@@ -97,7 +97,8 @@ class FedTrackingConfig(_Section):
     crashed_after_s: float = Field(120.0, gt=0, description="a RUNNING federation whose server has not beaten for "
                                    "this long is crashed (lowres.federated.health)")
     stalled_after_s: float = Field(900.0, gt=0, description="a beating server with no round progress for this long "
-                                   "is stalled")
+                                   "is stalled; must be above robustness.round_timeout_s (left at its default, it "
+                                   "becomes 1.5 x a longer timeout)")
 
     @model_validator(mode="after")
     def _beats(self) -> "FedTrackingConfig":
@@ -144,6 +145,18 @@ class FedConfig(_Section):
     robustness: RobustnessConfig = RobustnessConfig()
     tracking: FedTrackingConfig = FedTrackingConfig()
     index: IndexConfig = IndexConfig()
+
+    @model_validator(mode="after")
+    def _stalled_after_a_round_timeout(self):
+        # a round may wait round_timeout_s for replies without progress: that is waiting, not a stall
+        if self.tracking.stalled_after_s <= self.robustness.round_timeout_s:
+            if "stalled_after_s" not in self.tracking.model_fields_set:  # the default follows a long timeout
+                self.tracking.stalled_after_s = 1.5 * self.robustness.round_timeout_s
+                return self
+            raise ValueError(f"tracking.stalled_after_s ({self.tracking.stalled_after_s:g}) must be above "
+                             f"robustness.round_timeout_s ({self.robustness.round_timeout_s:g}): a round waiting "
+                             "for replies that long is not stalled")
+        return self
 
     def run_config(self, partition: int | None = None, extra: list[str] | None = None) -> RunConfig:
         """The clients' RunConfig (for ``partition``: with its overrides), fixed for federated use: no MLflow
