@@ -42,3 +42,23 @@ def test_counters_gauges_and_offline_after_timeout():
         assert not m.is_up("client-00")
     finally:
         m.close()
+
+
+def test_the_federations_run_is_tagged_with_the_servers_machine(tmp_path):
+    """A federation's parent run carries the server's hardware fingerprint and tier, as training runs do, so
+    federations run on two lab machines compare."""
+    import mlflow
+
+    from lowres.hardware import detect
+    from lowres.tracking.runs import TAG_FINGERPRINT, TAG_TIER
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    m = FedMonitor("fed-hw", mlflow=True, tracking_uri=uri, experiment="fed-hw-test")
+    try:
+        assert m.run_id is not None, m.last_error
+    finally:
+        m.close()
+    tags = mlflow.MlflowClient(uri).get_run(m.run_id).data.tags
+    hw = detect()
+    assert tags[TAG_FINGERPRINT] == hw.fingerprint and tags[TAG_TIER] == hw.tier
+    assert tags["lowres.command"] == "fed"

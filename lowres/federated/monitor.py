@@ -79,7 +79,15 @@ class FedMonitor:
     def _start_parent(self, experiment: str, tracking_uri: str | None, params: dict) -> None:
         from lowres.tracking import log_params, start_run
 
+        try:  # the server's machine, tagged like training runs so federations of two lab machines compare
+            from lowres.hardware import detect
+
+            hw = detect()
+            fingerprint, tier = hw.fingerprint, hw.tier
+        except Exception:  # a profile that cannot be read never keeps the run from starting
+            fingerprint = tier = None
         handle = start_run(experiment, run_name=self.federation, tracking_uri=tracking_uri, config=params,
+                           fingerprint=fingerprint, tier=tier,
                            tags={"lowres.command": "fed", "lowres.federation": self.federation,
                                  **health.server_tags(*self._thresholds)})
         self.run_id, self.tracking_uri = handle.run_id, handle.tracking_uri
