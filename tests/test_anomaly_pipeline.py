@@ -78,6 +78,16 @@ def test_cli_detect_prints_f1(run, tmp_path):
     res = CliRunner().invoke(anomaly_app, ["detect", "--model", str(out / "student"), str(csv)])
     assert res.exit_code == 0, res.output
     assert "2 sessions (sessions)" in res.output and "F1 " in res.output
+    assert "ms per session" in res.output and "peak RSS" in res.output
+    res = CliRunner().invoke(anomaly_app, ["detect", "--model", str(out / "student"), str(csv), "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    cost = json.loads(res.output)["cost"]
+    assert cost["seconds"] > 0 and cost["seconds_per_session"] == pytest.approx(cost["seconds"] / 2)
+    import psutil
+
+    assert cost["peak_rss_bytes"] >= psutil.Process().memory_info().rss * 0.5  # this process, model loaded
 
 
 def test_shipped_configs_validate(tmp_path):

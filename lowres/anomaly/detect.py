@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,17 @@ class Detection:
     labels: np.ndarray | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     kind: str = "raw"
+    # what scoring cost here: seconds (all sessions, batched), seconds_per_session, peak_rss_bytes (the
+    # process' peak resident memory, model load included)
+    cost: dict[str, float] = field(default_factory=dict)
+
+
+def peak_rss_bytes() -> float:
+    """This process' peak resident set size so far (getrusage's ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def read_sessions(path: str | Path) -> tuple[str, list[str], list[str], np.ndarray | None]:
@@ -56,9 +69,13 @@ def detect_file(model_dir: str | Path, path: str | Path, threshold: float = 0.5)
                          hint="give the student folder of a `lowres anomaly run`, e.g. runs/anomaly/hdfs-tiny/student")
     kind, keys, texts, labels = read_sessions(path)  # SessionError (exit 2): not a file, not text, bad labels
     student = load_student(model_dir)
+    t0 = time.perf_counter()
     proba = predict_proba(student, texts)
+    seconds = time.perf_counter() - t0
     flags = (proba >= threshold).astype(int)
-    res = Detection(keys, proba, flags, labels, kind=kind)
+    res = Detection(keys, proba, flags, labels, kind=kind,
+                    cost={"seconds": seconds, "seconds_per_session": seconds / max(len(texts), 1),
+                          "peak_rss_bytes": peak_rss_bytes()})
     if labels is not None:
         f1, p, r = prf(labels, flags)
         res.metrics = {"f1": f1, "precision": p, "recall": r, "sessions": float(len(labels)),

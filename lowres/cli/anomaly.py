@@ -56,16 +56,20 @@ def detect(
     threshold: Annotated[float, typer.Option(help="P(anomaly) at or above which a session is flagged.")] = 0.5,
     json_output: Annotated[bool, typer.Option("--json", help="Per-session results as JSON on stdout.")] = False,
 ) -> None:
-    """Score every session of FILE; print F1, precision and recall when it carries labels."""
+    """Score every session of FILE; print F1, precision and recall when it carries labels, and what scoring
+    cost here (seconds per session, peak memory)."""
     from lowres.anomaly.detect import detect_file
 
     res = detect_file(model, file, threshold)
     if json_output:
-        print(json.dumps({"kind": res.kind, "metrics": res.metrics,
+        print(json.dumps({"kind": res.kind, "metrics": res.metrics, "cost": res.cost,
                           "sessions": [{"key": k, "p_anomaly": float(p), "anomaly": int(f)}
                                        for k, p, f in zip(res.keys, res.proba, res.flags)]}, indent=2))
         return
     print(f"{len(res.keys)} sessions ({res.kind}), {int(res.flags.sum())} flagged anomalous")
+    c = res.cost
+    print(f"scored in {c['seconds']:.2f} s ({c['seconds_per_session'] * 1e3:.1f} ms per session, batched); "
+          f"peak RSS {c['peak_rss_bytes'] / 2**20:.0f} MiB, model included")
     if res.metrics:
         m = res.metrics
         print(f"F1 {m['f1']:.4f}  precision {m['precision']:.4f}  recall {m['recall']:.4f}")
