@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +30,6 @@ class Detection:
     cost: dict[str, float] = field(default_factory=dict)
 
 
-def peak_rss_bytes() -> float:
-    """This process' peak resident set size so far (getrusage's ru_maxrss: KiB on Linux, bytes on macOS)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def read_sessions(path: str | Path) -> tuple[str, list[str], list[str], np.ndarray | None]:
     """(kind, keys, texts, labels or None): a ``Sequence,label`` CSV of event ids, else raw HDFS log lines
     grouped into block sessions."""
@@ -59,6 +50,7 @@ def detect_file(model_dir: str | Path, path: str | Path, threshold: float = 0.5)
     """Score every session of ``path`` with the student in ``model_dir``; metrics when labels are present."""
     from lowres.anomaly.student import load_student, predict_proba
     from lowres.errors import UsageError
+    from lowres.train.timing import peak_memory
 
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold {threshold} is not a probability", hint="give a value in [0, 1], e.g. 0.5")
@@ -75,7 +67,7 @@ def detect_file(model_dir: str | Path, path: str | Path, threshold: float = 0.5)
     flags = (proba >= threshold).astype(int)
     res = Detection(keys, proba, flags, labels, kind=kind,
                     cost={"seconds": seconds, "seconds_per_session": seconds / max(len(texts), 1),
-                          "peak_rss_bytes": peak_rss_bytes()})
+                          "peak_rss_bytes": float(peak_memory(cuda=False))})
     if labels is not None:
         f1, p, r = prf(labels, flags)
         res.metrics = {"f1": f1, "precision": p, "recall": r, "sessions": float(len(labels)),
