@@ -146,6 +146,7 @@ class LowresWorker:
     def run(self, steps: int) -> list[tuple[float, int]]:
         start = len(self.recipe.history)
         self.recipe.train(steps=steps)
+        self.losses = [h["loss"] for h in self.recipe.history[start:]]
         return [(h["step_seconds"], h["tokens"]) for h in self.recipe.history[start:]]
 
     def roofline(self) -> float:
@@ -162,7 +163,8 @@ class LowresWorker:
         r = self.recipe
         new = raise_to_achieved(r.roofline, achieved, fingerprint=r.hw.fingerprint, device="cpu")
         r.cleanup()
-        return {"roofline": new.flops_per_s, "roofline_source": new.source}
+        return {"roofline": new.flops_per_s, "roofline_source": new.source,
+                "compile_seconds": r._compile_info().get("compile_seconds")}
 
 
 class HFWorker:
@@ -244,7 +246,8 @@ def worker_main(kind: str, args: dict) -> int:
         cmd = json.loads(line)
         if cmd["cmd"] == "run":
             times = w.run(cmd["steps"])
-            say({"times": times, "peak_rss": peak_rss(), "first": dict(w.first)})
+            say({"times": times, "peak_rss": peak_rss(), "first": dict(w.first), "losses": getattr(w, "losses", []),
+                 "info": getattr(w, "info", {})})
         elif cmd["cmd"] == "roofline":
             say({"roofline": w.roofline()})
         elif cmd["cmd"] == "finish":

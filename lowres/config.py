@@ -95,6 +95,13 @@ class TrainConfig(_Section):
     warmup_ignore_steps: int = Field(2, ge=0, description="first steps left out of throughput and MFU means")
     max_bad_steps: int = Field(0, ge=0, description="optimizer steps with a NaN/Inf loss or gradient that are "
                                "skipped before the run stops with an error; 0 = stop at the first")
+    compile: bool = Field(False, description="torch.compile the decoder (CPU: inductor); the first step "
+                          "compiles (timed, cached on disk); see lowres.train.speed")
+    attention: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel: sdpa (fused) or eager")
+    optimizer_impl: Literal["fused", "foreach", "loop"] = Field("fused", description="AdamW implementation")
+    profile_steps: int = Field(0, ge=0, description="optimizer steps traced by torch.profiler right after the "
+                               "warm-up steps: torch_trace.json.gz and op_profile.json (time by op family) in "
+                               "output_dir; 0 = none")
 
 
 class CheckpointConfig(_Section):
@@ -146,6 +153,10 @@ class RunConfig(_Section):
         d.pop("output_dir", None)
         d.pop("tracking", None)
         d["train"].pop("max_bad_steps", None)  # a guard: it changes no result of a run that trains
+        d["train"].pop("profile_steps", None)  # a trace of a few steps: it changes no result either
+        for key, default in (("compile", False), ("attention", "sdpa"), ("optimizer_impl", "fused")):
+            if d["train"].get(key) == default:  # speed options at their defaults: older runs' hashes hold
+                d["train"].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

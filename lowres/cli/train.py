@@ -28,7 +28,7 @@ def _flags_to_overrides(**flags) -> list[str]:
               "precision": "precision.compute", "output_dir": "output_dir", "seq_len": "data.max_length",
               "lr": "train.lr", "grad_accum": "train.grad_accum", "checkpoint_every": "checkpoint.every",
               "tracking_uri": "tracking.mlflow_uri", "experiment": "tracking.experiment",
-              "run_name": "tracking.run_name"}
+              "run_name": "tracking.run_name", "profile_steps": "train.profile_steps"}
     out = []
     for name, value in flags.items():
         if value is not None:
@@ -64,6 +64,11 @@ def train(
     overrides: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    profile_steps: Annotated[int | None, typer.Option("--profile-steps", metavar="N", min=0, help="Trace N steps "
+                                                      "after the warm-up with torch.profiler: time by op family "
+                                                      "(matmul, attention, norm/element-wise, optimizer, other) "
+                                                      "printed and in --json; torch_trace.json.gz and "
+                                                      "op_profile.json in the output folder.")] = None,
 ) -> None:
     """Fine-tune a model with LoRA/QLoRA: profiled, tracked in MLflow, checkpointed, resumable.
 
@@ -75,7 +80,7 @@ def train(
     data: path sample format text_field prompt_field response_field max_length packing eval_fraction
     max_examples tokenizer_vocab ·
     train: max_steps batch_size grad_accum lr warmup_steps min_lr_ratio weight_decay max_grad_norm optimizer
-    loss_chunk_tokens threads seed eval_every eval_batches warmup_ignore_steps max_bad_steps ·
+    loss_chunk_tokens threads seed eval_every eval_batches warmup_ignore_steps max_bad_steps profile_steps ·
     checkpoint: every keep ·
     tracking: mlflow mlflow_uri experiment run_name prometheus_port pushgateway jsonl profiler_interval
     profiler_mode
@@ -87,7 +92,8 @@ def train(
     flags = _flags_to_overrides(model=model, data=data, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                                 seq_len=seq_len, lr=lr, rank=rank, quant=quant, precision=precision,
                                 output_dir=output_dir, checkpoint_every=checkpoint_every,
-                                tracking_uri=tracking_uri, experiment=experiment, run_name=run_name)
+                                tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
+                                profile_steps=profile_steps)
     if config is not None and config_opt is not None and config != config_opt:
         from lowres.errors import UsageError
 
@@ -105,6 +111,10 @@ def train(
 
             # the profiler's view of the run (process tree, system, phases); also profile_summary.json
             Console().print(Summary.from_dict(result.profile).table())
+        if result.op_profile:
+            from lowres.train.opprofile import table
+
+            Console().print(table(result.op_profile))
         from lowres.tracking.spool import is_local_run_id
 
         if result.run_id and not is_local_run_id(result.run_id):  # a spooled run has no page until `lowres sync`

@@ -25,7 +25,10 @@ def build_optimizer(params: list, train_cfg: Any, device: str) -> torch.optim.Op
         import bitsandbytes as bnb
 
         return (bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.PagedAdamW)(params, **kw)
-    return torch.optim.AdamW(params, fused=True, **kw)
+    impl = getattr(train_cfg, "optimizer_impl", "fused")  # train.optimizer_impl; see lowres.train.speed
+    if impl == "fused":
+        return torch.optim.AdamW(params, fused=True, **kw)
+    return torch.optim.AdamW(params, foreach=impl == "foreach", **kw)
 
 
 def check_optimizer(train_cfg: Any, device: str) -> None:

@@ -62,6 +62,7 @@ class TrainResult:
     info: dict = field(default_factory=dict)
     profile: dict | None = None
     eval_base: dict | None = None  # the base model's loss on the same held-out split (adapter switched off)
+    op_profile: dict | None = None  # time by op family of the traced steps (train.profile_steps; opprofile)
 
 
 class Recipe:
@@ -118,13 +119,16 @@ class Recipe:
         self.model, info = load_model(self.loc, self.precision, cfg.lora, cfg.precision.gradient_checkpointing,
                                       device=self.device, seed=cfg.train.seed)
         self.model.train()
+        from lowres.train import speed
+
+        speed_info = speed.apply(self.model, cfg.train)  # train.attention, train.compile
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.batches = BatchIterator(self.data.train, cfg.train.batch_size, cfg.train.seed)
         self.info = {**info, "tokenizer": tokenizer_source, "data": self.data.stats, "device": self.device,
                      "threads": torch.get_num_threads(), "precision_reasons": self.precision.reasons,
-                     "weights_provenance": self.loc.provenance}
+                     "weights_provenance": self.loc.provenance, **speed_info}
         run_id = None
         self._run_started_at = time.time()  # the origin of the system-metric steps, kept across resumes
         if resume_from is not None:
@@ -141,6 +145,9 @@ class Recipe:
         self._say("setup: this machine's roofline for the model's shapes (measured once, then cached) …")
         self.roofline = roofline(self.loc.spec, self.precision.compute_dtype, tokens,
                                  fingerprint=self.hw.fingerprint, device=self.device)
+        from lowres.train.opprofile import StepProfiler
+
+        self.op_profiler = StepProfiler(cfg.train.profile_steps, cfg.train.warmup_ignore_steps, self.out, self.device)
         self._write_run_files()  # first: the MLflow run logs config.yaml from the output dir
         self._start_tracking(run_id)
         self._start_profiler()
@@ -324,7 +331,8 @@ class Recipe:
         with stop_on_signals() as stop, TrainProgress(self.console, cfg.train.max_steps, self.step,
                                                       self.show_progress) as bar:
             while self.step < target and not stop:
-                record = self._train_step()
+                with self.op_profiler.step():
+                    record = self._train_step()
                 self.step += 1
                 self._report(record, bar)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.max_steps:
@@ -495,7 +503,27 @@ class Recipe:
             flops_per_token=self.flops_per_token, peak_flops_per_s=self.roofline.flops_per_s,
             peak_rss_bytes=max((r["peak_memory_bytes"] for r in self.history), default=0),
             output_dir=str(self.out), checkpoint=str(self._last_checkpoint) if self._last_checkpoint else None,
-            history=self.history, info=dict(self.info, roofline_source=self.roofline.source))
+            history=self.history, info=dict(self.info, roofline_source=self.roofline.source,
+                                            **self._compile_info()),
+            op_profile=self._op_profile())
+
+    def _compile_info(self) -> dict:
+        """train.compile: what the first step's compilation cost (first step minus the median later one)."""
+        if not self.info.get("compiled"):
+            return {}
+        from lowres.train.speed import compile_seconds
+
+        return {"compile_seconds": compile_seconds([r["step_seconds"] for r in self.history])}
+
+    def _op_profile(self) -> dict | None:
+        """The traced steps' time by op family (a trace cut short by the run's end is summarised as it is)."""
+        sp = getattr(self, "op_profiler", None)
+        if sp is None or sp.finish() is None:
+            return None
+        if self.tracker is not None and not getattr(sp, "logged", False):
+            sp.logged = True
+            self.tracker.log_artifact(self.out / "op_profile.json")
+        return sp.result
 
     def cleanup(self, status: str = "FINISHED") -> dict | None:
         """Stop the profiler, flush metrics, close the MLflow run with ``status``; the profile summary. The

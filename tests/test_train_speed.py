@@ -1,0 +1,65 @@
+"""Where the step's time goes (train.profile_steps) and the step's speed options: each option keeps the loss
+curve of the default within numerical noise. Tiny models only; no timing is asserted."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lowres.config import load_config
+from lowres.train import run
+from lowres.train.opprofile import FAMILIES, family_of
+from train_helpers import tiny_overrides, write_corpus
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LOWRES_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lowres-cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_op_families_by_name_and_phase():
+    assert family_of("aten::mm", False) == "matmul" and family_of("aten::addmm", False) == "matmul"
+    assert family_of("aten::_scaled_dot_product_flash_attention_for_cpu", False) == "attention"
+    assert family_of("aten::_softmax", False) == "attention"
+    assert family_of("aten::mul", False) == "norm/element-wise" and family_of("aten::copy_", False) == "norm/element-wise"
+    assert family_of("aten::_fused_adamw_", True) == "optimizer" and family_of("aten::mm", True) == "optimizer"
+    assert family_of("autograd::engine::evaluate_function: MmBackward0", False) is None  # stays in "other"
+
+
+def test_profile_steps_writes_trace_and_family_table(tmp_path):
+    from lowres.cli.train import train
+
+    import typer
+
+    app = typer.Typer()
+    app.command()(train)
+    data = write_corpus(tmp_path)
+    sets = [a for kv in tiny_overrides(tmp_path, data, steps=5, **{"tracking.mlflow": "false"}) for a in ("--set", kv)]
+    res = CliRunner().invoke(app, [*sets, "--profile-steps", "2", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    prof = out["op_profile"]
+    assert prof["steps"] == 2 and list(prof["families"]) == list(FAMILIES)
+    shares = [v["share"] for v in prof["families"].values()]
+    assert all(s >= 0 for s in shares) and sum(shares) == pytest.approx(1.0, abs=1e-6)
+    assert prof["families"]["matmul"]["seconds_per_step"] > 0 and prof["families"]["optimizer"]["seconds_per_step"] > 0
+    assert any(o["op"] == "aten::mm" for o in prof["top_ops"])
+    run_dir = tmp_path / "out"
+    assert json.loads((run_dir / "op_profile.json").read_text())["families"] == prof["families"]
+    trace = json.loads(gzip.decompress((run_dir / "torch_trace.json.gz").read_bytes()))
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"lowres.forward", "lowres.backward", "lowres.optimizer"} <= names
+
+
+def test_profile_cut_short_by_the_run_end_is_still_summarised(tmp_path):
+    data = write_corpus(tmp_path)
+    cfg = load_config(None, tiny_overrides(tmp_path, data, steps=3, **{
+        "tracking.mlflow": "false", "train.profile_steps": 5, "train.warmup_ignore_steps": 1}))
+    result = run(cfg, progress=False)
+    assert result.op_profile["steps"] == 2  # steps 2 and 3 of 3 were traced
+    assert cfg.config_hash() == load_config(None, tiny_overrides(tmp_path, data, steps=3, **{
+        "tracking.mlflow": "false", "train.warmup_ignore_steps": 1})).config_hash()  # a trace changes no result
