@@ -123,6 +123,11 @@ CATALOG: dict[str, Metric] = {
            labels=("federation",)),
         _M("lowres_fed_federated_eval_loss", "gauge", "nats",
            "sample-weighted eval loss of the global adapter on the clients' own eval data", labels=("federation",)),
+        _M("lowres_fed_eval_accuracy_ratio", "gauge", "ratio",
+           "centralised top-1 next-token accuracy of the global adapter after the last round", labels=("federation",)),
+        _M("lowres_fed_federated_eval_accuracy_ratio", "gauge", "ratio",
+           "example-weighted top-1 next-token accuracy of the latest evaluated global adapter on the clients' own "
+           "eval data", labels=("federation",)),
         _M("lowres_fed_server_heartbeat_timestamp_seconds", "gauge", "seconds",
            "Unix time of the federation server's last heartbeat (set every second while it is alive)",
            labels=("federation",)),

@@ -81,7 +81,9 @@ def seed_federations(uri: str) -> dict[str, str]:
             mon.round_done(rnd, {"round_seconds": 1.5, "bytes_down": 1000.0 * rnd * len(clients),
                                  "bytes_up": 400.0 * rnd * (len(clients) - failed),
                                  "clients_accepted": float(len(clients) - failed), "clients_failed": float(failed),
-                                 "central_eval_loss": 3.0 - rnd / (10 if fed == "alpha" else 4)})
+                                 "central_eval_loss": 3.0 - rnd / (10 if fed == "alpha" else 4),
+                                 "central_eval_accuracy": 0.1 * rnd, "federated_eval_loss": 3.2 - rnd / 10,
+                                 "federated_eval_accuracy": 0.05 * rnd})
         if finish:
             mon.close("FINISHED", step=3)
         else:

@@ -50,6 +50,13 @@ def _charts(at: AppTest) -> int:
     return len(at.get("vega_lite_chart"))
 
 
+def _chart_rows(chart) -> list[dict]:
+    """The rows of a vega-lite chart's data (its Arrow datasets, read back)."""
+    import pyarrow as pa
+
+    return [r for ds in chart.proto.datasets for r in pa.ipc.open_stream(ds.data.data).read_all().to_pylist()]
+
+
 def test_advisor_estimates_and_writes_the_run_config(store_env, tmp_path):
     from lowres.advisor import Candidate, estimate, largest_fitting_batch
     from lowres.config import load_config
@@ -230,6 +237,12 @@ def test_federations_show_rounds_bytes_failures_and_client_health(store_env):
     assert rows == {("alpha", "c1"): ("online", 0, 2400), ("alpha", "c2"): ("online", 1, 1600),
                     ("beta", "c1"): ("finished", 0, 2400)}
     assert _charts(at) >= 4  # eval loss, train loss, round time, bytes, clients …
+    # evaluation per round: centralised beside federated, loss and token accuracy, one line per federation
+    evals = [c for c in at.get("vega_lite_chart") if "strokeDash" in c.proto.spec]
+    assert len(evals) == 2
+    acc = next(c for c in evals if "token accuracy" in c.proto.spec)
+    got = {(r["federation"], r["eval"], r["step"]): round(r["value"], 6) for r in _chart_rows(acc)}
+    assert got[("alpha", "centralised", 3)] == 0.3 and got[("beta", "federated", 2)] == 0.1
 
     # silent for more than 5 s: alpha's clients go offline, beta's finished client stays finished
     time.sleep(max(0.0, 6.0 - (time.time() - store_env.federations_at)))

@@ -25,7 +25,8 @@ def test_counters_gauges_and_offline_after_timeout():
         m.sent("client-00", 500)
         m.reply(1, "client-00", 300, {"train_seconds": 2.5, "peak_rss_bytes": 1e8})
         m.failure(1, "client-01", "no reply within 5 s")
-        m.round_done(1, {"round_seconds": 3.0, "central_eval_loss": 4.2})
+        m.round_done(1, {"round_seconds": 3.0, "central_eval_loss": 4.2, "central_eval_accuracy": 0.25,
+                         "federated_eval_accuracy": 0.125})
         text = scrape(m)
         assert value(text, "lowres_fed_bytes_sent_total", federation="fedtest", client="client-00") == 1500
         assert value(text, "lowres_fed_bytes_received_total", client="client-00") == 300
@@ -33,6 +34,8 @@ def test_counters_gauges_and_offline_after_timeout():
         assert value(text, "lowres_fed_client_peak_memory_bytes", client="client-00") == 1e8
         assert value(text, "lowres_fed_client_failures_total", client="client-01") == 1
         assert value(text, "lowres_fed_eval_loss") == 4.2
+        assert value(text, "lowres_fed_eval_accuracy_ratio") == 0.25
+        assert value(text, "lowres_fed_federated_eval_accuracy_ratio") == 0.125
         assert abs(value(text, "lowres_fed_client_last_report_timestamp_seconds", client="client-00") - time.time()) < 5
         assert value(text, "lowres_fed_client_up", client="client-00") == 1
         deadline = time.time() + 10

@@ -1,5 +1,5 @@
-"""Federations: live and past `lowres fed` runs, several at once — rounds, bytes, eval loss, each client's
-health (online/offline by its last report) and failures.
+"""Federations: live and past `lowres fed` runs, several at once — rounds, bytes, centralised and federated eval
+(loss and token accuracy per round), each client's health (online/offline by its last report) and failures.
 
 Read from MLflow: a federation is a parent run (tag ``lowres.command=fed``), each client a child run; its
 ``fed/...`` metrics are plotted whatever they are named. With Prometheus configured, a client's last report
@@ -24,6 +24,9 @@ import queries_live
 # lowres.federated.monitor's per-round keys worth a chart by default; the picker offers every fed/ key
 PER_ROUND = ["fed/central_eval_loss", "fed/federated_eval_loss", "fed/train_loss", "fed/round_seconds",
              "fed/bytes_down", "fed/bytes_up", "fed/clients_accepted", "fed/clients_failed"]
+# centralised (the server's holdout) beside federated (the clients' own eval data) eval, per figure
+EVAL = {"eval loss": ("fed/central_eval_loss", "fed/federated_eval_loss"),
+        "token accuracy": ("fed/central_eval_accuracy", "fed/federated_eval_accuracy")}
 
 st.title("Federations")
 uri = queries.mlflow_uri()
@@ -83,6 +86,31 @@ st.dataframe(health[order].style.map(
     lambda h: "background-color: #f8d7da" if h == "offline" else "background-color: #d1e7dd", subset=["health"]),
     hide_index=True, column_config={
         "seconds_since_report": st.column_config.NumberColumn("seconds since report", format="%.0f")})
+
+st.subheader("Evaluation per round")
+st.caption("Centralised: the global adapter on the server's held-out records after each round. Federated: the "
+           "same adapter on each client's own eval data, weighted by the examples each read (clients evaluate the "
+           "global they receive, so round r's figure arrives with round r+1). Round 0 is the starting adapter. "
+           "Token accuracy: top-1 next-token accuracy on the label tokens.")
+eval_keys = tuple(k for pair in EVAL.values() for k in pair)
+ev = queries.metric_history(uri, tuple(feds["run_id"]), eval_keys).merge(feds[["run_id", "federation"]], on="run_id")
+if ev.empty:
+    st.info("No eval figures logged yet (a federation without a central holdout or client eval data has none).")
+else:
+    ev = ev.assign(eval=ev["key"].map({k: ("centralised" if i == 0 else "federated")
+                                       for pair in EVAL.values() for i, k in enumerate(pair)}))
+    cols = st.columns(2)
+    for col, (title, pair) in zip(cols, EVAL.items()):
+        part = ev[ev["key"].isin(pair)]
+        with col:
+            st.markdown(f"**{title}**")
+            if part.empty:
+                st.caption("not logged")
+                continue
+            st.altair_chart(alt.Chart(part).mark_line(point=True).encode(
+                x=alt.X("step:Q", title="round"), y=alt.Y("value:Q", title=title, scale=alt.Scale(zero=False)),
+                color="federation:N", strokeDash=alt.StrokeDash("eval:N", title="eval"),
+                tooltip=["federation", "eval", "step", "value"]).properties(height=220), width="stretch")
 
 keys = sorted({k for ks in feds["fed_metrics"] for k in ks.split(",") if k and not k.endswith("_total")})
 preferred = [k for k in PER_ROUND if k in keys] or keys[:6]

@@ -45,7 +45,16 @@ def run(
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI "
                                                      "(tracking.mlflow_uri).")] = None,
 ) -> None:
-    """Run a federation: simulated on this machine, or submitted to a SuperLink."""
+    """Run a federation: simulated on this machine, or submitted to a SuperLink.
+
+    Strategy: --set strategy.name=fedavg | fedprox | fedadam | fedyogi | fedadagrad
+    (the last three: Flower's server optimisers, with strategy.eta, eta_l, beta_1, beta_2, tau),
+    or FILE.py:Class with select, aggregate_train, aggregate_evaluate (configs/fed/tiny-custom-strategy.yaml).
+
+    Clients per round: --set strategy.selection.by=random | memory | speed | examples
+    (floors: strategy.selection.min_free_memory_bytes, min_tokens_per_second, min_records).
+
+    Each round logs centralised and federated eval loss and token accuracy; --json prints them."""
     from lowres.federated.config import load_fed_config
 
     overrides = list(overrides or []) + [f"{k}={json.dumps(v)}" for k, v in (
@@ -71,8 +80,8 @@ def run(
         from lowres.federated.simulation import simulate
 
         result = simulate(fed, console=console)
-        out = {"federation": fed.federation, "mlflow_run_id": result.run_id, "rounds": result.rounds,
-               "final_eval": result.final_eval, "global_adapter": result.global_path}
+        out = {"federation": fed.federation, "mlflow_run_id": result.run_id, "initial_eval": result.initial_eval,
+               "rounds": result.rounds, "final_eval": result.final_eval, "global_adapter": result.global_path}
     else:
         from lowres.errors import UsageError
         from lowres.federated.deploy import submit, wait_finished

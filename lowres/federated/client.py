@@ -139,8 +139,9 @@ def train_round(state: ClientState, global_parts: dict[str, np.ndarray], local_s
     """Load the global adapter, train ``local_steps``, return (encoded update, metrics).
 
     metrics: num_examples (train blocks, the FedAvg weight), rank, steps, train_loss, train_seconds,
-    tokens_per_second, peak_rss_bytes / cpu figures from the profiler, eval_loss_before (the received
-    global on this client's eval blocks, when it has any)."""
+    tokens_per_second, peak_rss_bytes / cpu figures from the profiler, free_memory_bytes after the round, and
+    eval_loss_before / eval_accuracy_before / eval_examples_before (the received global on this client's eval
+    blocks — the federated eval of the previous round — when it has any)."""
     from profiler import Profiler
 
     r = state.recipe
@@ -158,32 +159,70 @@ def train_round(state: ClientState, global_parts: dict[str, np.ndarray], local_s
     metrics = {"num_examples": float(len(r.data.train)), "rank": float(r.cfg.lora.rank),
                "steps": float(r.step - step0), "train_seconds": seconds,
                **_profile_figures(prof.summary.to_dict())}
+    free = free_memory_bytes()
+    if free is not None:
+        metrics["free_memory_bytes"] = float(free)
     if result.loss is not None:
         metrics["train_loss"] = float(result.loss)
     if result.tokens_per_s:
         metrics["tokens_per_second"] = float(result.tokens_per_s)
     if before is not None:
-        metrics["eval_loss_before"] = before
+        metrics |= {"eval_loss_before": before["loss"], "eval_accuracy_before": before["accuracy"],
+                    "eval_examples_before": float(before["examples"])}
     return parts, metrics
 
 
 def evaluate_global(state: ClientState, global_parts: dict[str, np.ndarray]) -> dict[str, float]:
-    """Federated evaluation: the global adapter on this client's eval blocks."""
+    """Federated evaluation: the global adapter on this client's eval blocks — eval_loss, eval_accuracy (top-1
+    next-token), eval_examples (blocks read: the weight), num_examples (eval blocks held)."""
     load_global(state, global_parts)
-    loss = _eval(state.recipe)
+    res = _eval(state.recipe)
     out = {"num_examples": float(len(state.recipe.data.eval))}
-    if loss is not None:
-        out["eval_loss"] = loss
+    if res is not None:
+        out |= {"eval_loss": res["loss"], "eval_accuracy": res["accuracy"], "eval_examples": float(res["examples"])}
     return out
 
 
-def _eval(r: Recipe) -> float | None:
+def _eval(r: Recipe) -> dict | None:
     from lowres.train.evaluation import evaluate
 
     cfg = r.cfg
     res = evaluate(r.model, r.data.eval, cfg.train.batch_size, cfg.train.loss_chunk_tokens, cfg.train.eval_batches,
-                   r.precision, r.device)
-    return None if res is None else float(res["loss"])
+                   r.precision, r.device, accuracy=True)
+    return None if res is None else {"loss": float(res["loss"]), "accuracy": float(res["accuracy"]),
+                                     "examples": res["examples"]}
+
+
+def free_memory_bytes() -> int | None:
+    """Memory this client can still use: the system's available memory, or less under a cgroup limit."""
+    try:
+        import psutil
+
+        from lowres.hardware.cgroup import read_cgroup
+
+        free = int(psutil.virtual_memory().available)
+        cg = read_cgroup()
+        if cg.memory_limit_bytes is not None and cg.memory_usage_bytes is not None:
+            free = min(free, max(0, cg.memory_limit_bytes - cg.memory_usage_bytes))
+        return free
+    except Exception:  # a figure for the selection, never a reason to fail a round
+        return None
+
+
+def identity_figures(cfg: RunConfig) -> dict[str, float]:
+    """What a client tells the server before its first round, for the selection: free_memory_bytes and
+    num_records (its training records: a read of its data, no model loaded)."""
+    out: dict[str, float] = {}
+    free = free_memory_bytes()
+    if free is not None:
+        out["free_memory_bytes"] = float(free)
+    try:
+        from lowres.data.reading import read_records
+
+        out["num_records"] = float(len(read_records(cfg.data)))
+    except Exception:  # unreadable data fails the first train round, with its own error
+        pass
+    return out
 
 
 def _profile_figures(summary: dict) -> dict[str, float]:

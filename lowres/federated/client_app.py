@@ -72,9 +72,12 @@ def _state(msg: Message, context: Context):
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Who this node is (partition id, LoRA rank), before the server sends it weights of that rank."""
+    """Who this node is (partition id, LoRA rank), before the server sends it weights of that rank, and what
+    the selection may judge it by (free memory, training records)."""
+    from lowres.federated.client import identity_figures
+
     cfg, _ = _client_config(context, msg.content[CONFIG_KEY])
-    metrics = {"partition_id": _partition_id(context), "rank": cfg.lora.rank}
+    metrics = {"partition_id": _partition_id(context), "rank": cfg.lora.rank, **identity_figures(cfg)}
     return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 

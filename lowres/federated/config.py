@@ -57,7 +57,36 @@ class CompressionConfig(_Section):
         return v
 
 
+class SelectionConfig(_Section):
+    """Which connected clients train a round, by what they report (lowres.federated.strategies.select_clients)."""
+
+    by: Literal["random", "memory", "speed", "examples"] = Field(
+        "random", description="random: a seeded sample; memory / speed / examples: the clients with the most free "
+        "memory, the highest measured tokens/s, the most training records first (an unmeasured client goes first)")
+    min_free_memory_bytes: int | None = Field(None, ge=0, description="only clients reporting at least this much "
+                                              "free memory")
+    min_tokens_per_second: float | None = Field(None, ge=0, description="only clients that trained at least this "
+                                                "fast in their last round (not yet measured: not filtered)")
+    min_records: int | None = Field(None, ge=0, description="only clients holding at least this many training records")
+
+
+_FEDOPT_PARAMS = ("eta", "eta_l", "beta_1", "beta_2", "tau")
+
+
 class StrategyConfig(_Section):
+    name: str = Field("fedavg", description="fedavg | fedprox (fedprox_mu > 0) | fedadam | fedyogi | fedadagrad "
+                      "(Flower's server optimisers over the averaged update) | FILE.py:Class or package.module:Class "
+                      "(a class with select, aggregate_train, aggregate_evaluate; lowres/federated/strategies.py)")
+    eta: float | None = Field(None, gt=0, description="fedadam/fedyogi/fedadagrad: server learning rate η "
+                              "(null: lowres' default for LoRA updates, 0.01)")
+    eta_l: float | None = Field(None, gt=0, description="the clients' learning rate η_l (sets train.lr of every "
+                                "client); null = the recipe's train.lr")
+    beta_1: float | None = Field(None, ge=0, lt=1, description="fedadam/fedyogi: first-moment decay (null: Flower's 0.9)")
+    beta_2: float | None = Field(None, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay (null: Flower's 0.99)")
+    tau: float | None = Field(None, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity τ added to √v "
+                              "(null: Flower's 1e-3)")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a user strategy class")
+    selection: SelectionConfig = SelectionConfig()
     fedprox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight μ; 0 = plain FedAvg")
     norm_factor: float | None = Field(10.0, gt=1, description="reject updates whose norm exceeds this × the "
                                       "median norm of the round (with 1-2 updates: × the previous global "
@@ -73,6 +102,28 @@ class StrategyConfig(_Section):
                                      "client reports its own count); null = no absolute cap")
     max_weight_ratio: float | None = Field(2.0, ge=1, description="a reply weighs at most this × the round's "
                                            "lower-median num_examples; null = no relative cap")
+
+    @model_validator(mode="after")
+    def _name_and_its_parameters(self) -> "StrategyConfig":
+        from lowres.federated.strategies import BUILTIN, SERVER_OPTIMIZERS, is_class_spec
+
+        if self.name not in BUILTIN and not is_class_spec(self.name):
+            raise ValueError(f"strategy.name {self.name!r} is not one of {', '.join(BUILTIN)}, nor FILE.py:Class / "
+                             "package.module:Class")
+        if self.name == "fedprox" and self.fedprox_mu <= 0:
+            raise ValueError("strategy.name fedprox needs strategy.fedprox_mu > 0 (the proximal weight μ, e.g. 0.01)")
+        server = [k for k in _FEDOPT_PARAMS if k != "eta_l" and getattr(self, k) is not None]
+        if server and self.name not in SERVER_OPTIMIZERS:
+            raise ValueError(f"strategy.{', strategy.'.join(server)} {'applies' if len(server) == 1 else 'apply'} "
+                             f"only to {', '.join(SERVER_OPTIMIZERS)} "
+                             f"(strategy.name is {self.name!r})")
+        betas = [k for k in ("beta_1", "beta_2") if getattr(self, k) is not None]
+        if betas and self.name == "fedadagrad":
+            raise ValueError(f"strategy.{betas[0]}: fedadagrad keeps no decaying moments (Flower fixes its betas at 0)")
+        if self.options and not is_class_spec(self.name):
+            raise ValueError("strategy.options are keyword arguments of a user strategy class (strategy.name: "
+                             "FILE.py:Class); the built-in strategies take their own fields")
+        return self
 
 
 class RobustnessConfig(_Section):
@@ -163,6 +214,8 @@ class FedConfig(_Section):
         run or profiler of its own (the federation logs centrally and profiles each round), no checkpoints
         between rounds, and max_steps = rounds × local_steps so the LR schedule spans the federation."""
         overrides = [f"{k}={v}" for k, v in _flatten(self.run)]
+        if self.strategy.eta_l is not None:  # FedOpt's η_l is the clients' own learning rate
+            overrides.append(f"train.lr={self.strategy.eta_l}")
         if partition is not None:
             overrides += self.client_overrides.get(partition, [])
         overrides += list(extra or [])
@@ -205,6 +258,11 @@ def load_fed_config(path: str | Path | None = None, overrides: list[str] | None 
     except ValidationError as exc:
         raise ConfigError(f"the federation config{f' in {path}' if path else ''} is not valid",
                           _format_errors(exc)) from None
+    from lowres.federated.strategies import load_class, is_class_spec, resolve_spec
+
+    if is_class_spec(fed.strategy.name):  # a user class: found and checked now, not in round 1
+        fed.strategy.name = resolve_spec(fed.strategy.name, beside=path)
+        load_class(fed.strategy.name)
     fed.run_config()  # the clients' recipe must validate too, before anything starts
     for pid in fed.client_overrides:
         fed.run_config(pid)

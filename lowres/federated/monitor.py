@@ -243,7 +243,9 @@ class FedMonitor:
         self._mark_progress()
         for key, name in (("round_seconds", "lowres_fed_round_seconds"), ("clients_accepted", "lowres_fed_clients_accepted"),
                           ("central_eval_loss", "lowres_fed_eval_loss"),
-                          ("federated_eval_loss", "lowres_fed_federated_eval_loss")):
+                          ("federated_eval_loss", "lowres_fed_federated_eval_loss"),
+                          ("central_eval_accuracy", "lowres_fed_eval_accuracy_ratio"),
+                          ("federated_eval_accuracy", "lowres_fed_federated_eval_accuracy_ratio")):
             if key in figures:
                 self._write(name, figures[key])
         self._record(None, {f"fed/{k}": v for k, v in figures.items()}, rnd)

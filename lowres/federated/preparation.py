@@ -2,6 +2,7 @@
 
     prep = prepare(fed)        # partitions, shared tokenizer, held-out eval set, initial or resumed global adapter
     loss = central_eval(prep, tensors)
+    figures = central_figures(prep, tensors)     # central_eval_loss, central_eval_accuracy
 """
 
 from __future__ import annotations
@@ -70,8 +71,14 @@ def prepare(fed: FedConfig, central_eval: bool = True) -> Prepared:
 
 def central_eval(prep: Prepared, tensors: dict[str, np.ndarray]) -> float | None:
     """Eval loss of ``tensors`` on the server's held-out records."""
+    return central_figures(prep, tensors).get("central_eval_loss")
+
+
+def central_figures(prep: Prepared, tensors: dict[str, np.ndarray]) -> dict[str, float]:
+    """``central_eval_loss`` and ``central_eval_accuracy`` (top-1 next-token accuracy) of ``tensors`` on the
+    server's held-out records; {} without a holdout."""
     if prep.central is None:
-        return None
+        return {}
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     from lowres.train.evaluation import evaluate
@@ -80,5 +87,5 @@ def central_eval(prep: Prepared, tensors: dict[str, np.ndarray]) -> float | None
     r = prep.central
     set_peft_model_state_dict(r.model, numpy_to_state(tensors, get_peft_model_state_dict(r.model)))
     res = evaluate(r.model, prep.central_blocks, r.cfg.train.batch_size, r.cfg.train.loss_chunk_tokens, None,
-                   r.precision, r.device)
-    return None if res is None else float(res["loss"])
+                   r.precision, r.device, accuracy=True)
+    return {} if res is None else {"central_eval_loss": float(res["loss"]), "central_eval_accuracy": res["accuracy"]}

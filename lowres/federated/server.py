@@ -11,9 +11,12 @@ The aggregation rules themselves live in ``strategy.py`` as pure functions.
 A round: wait (bounded) for nodes → ask new nodes who they are (partition, rank; a small QUERY message) →
 send each sampled node the global adapter at its rank, encoded by the downlink codec → collect replies until
 ``round_timeout_s`` → record errors and silent nodes as failures → decode and screen updates (NaN/Inf, shapes,
-norm) → aggregate the accepted ones (FedAvg, median or trimmed mean) if there are at least ``min_clients``
-(else the global stays) → save the global adapter (safetensors) → centralised eval. After the last round one
-EVALUATE message per node gives the federated eval loss of the final adapter.
+norm) → the strategy (``strategies.py``: built in by name, or the user's class) chose the round's clients by
+what they report and now aggregates the accepted updates (FedAvg, median or trimmed mean, then FedAdam/Yogi/
+Adagrad's server step) if there are at least ``min_clients`` (else the global stays) → save the global adapter
+(safetensors) → centralised eval (loss, token accuracy). Federated eval rides on the next round's train
+replies (each client first evaluates the global it receives on its own eval data); after the last round one
+EVALUATE message per node evaluates the final adapter.
 
 No client can crash or capture the loop: every step of reading a reply (metrics, sizes, decoding) runs inside
 one guard per reply, so a bad reply is a recorded failure of that client, never of the round; sizes are
@@ -25,7 +28,6 @@ checked against the shapes the server sent *before* anything is allocated (``wir
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +38,12 @@ from lowres.errors import LowresError
 from lowres.federated.compression import encode
 from lowres.federated.config import FedConfig
 from lowres.federated.global_state import save_global
-from lowres.federated.preparation import Prepared, central_eval, prepare
+from lowres.federated.preparation import Prepared, central_figures, prepare
 from lowres.federated.replies import read_update, reply_metrics, short_reason
-from lowres.federated.strategy import (aggregate, expected_shapes, screen, sum_metrics, truncate_to_rank, update_norm,
-                                       update_weights)
+from lowres.federated.strategies import (BuiltinStrategy, ClientInfo, EvalReply, checked_figures, checked_global,
+                                         chosen_clients, make_strategy)
+from lowres.federated.strategy import (capped_weights, expected_shapes, screen, sum_metrics, truncate_to_rank,
+                                       update_norm, update_weights)
 from lowres.federated.wire import ARRAYS_KEY, CONFIG_KEY, content_bytes, to_arrayrecord
 
 
@@ -54,6 +58,7 @@ class FedResult:
     rounds: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     final_eval: dict = field(default_factory=dict)
+    initial_eval: dict = field(default_factory=dict)  # the starting global adapter (central, then federated)
     global_path: str | None = None
     clients: dict[int, dict] = field(default_factory=dict)
     run_id: str | None = None  # the MLflow parent run
@@ -109,7 +114,8 @@ def identify(grid: Any, nodes: list[int], config: dict, timeout_s: float, monito
             if name in taken:  # two nodes claiming one partition: the second goes by its node id
                 name = f"node-{node}"
             taken.add(name)
-            out[node] = {"partition_id": int(pid), "rank": int(rank), "client": name}
+            figures = {k: m[k] for k in IDENTITY_FIGURES if k in m and m[k] >= 0}
+            out[node] = {"partition_id": int(pid), "rank": int(rank), "client": name, "figures": figures}
             monitor.sent(name, down)
             monitor.received(name, content_bytes(reply.content))
         except Exception as exc:  # one guard per reply: a bad answer leaves that node out, nothing more
@@ -117,6 +123,11 @@ def identify(grid: Any, nodes: list[int], config: dict, timeout_s: float, monito
                 failures.append({"client": f"node-{node}", "reason": f"unreadable identity reply: {short_reason(exc)}",
                                  "rejected": True})
     return out
+
+
+# what a client's replies tell the selection about it (strategies.ClientInfo.figures)
+IDENTITY_FIGURES = ("free_memory_bytes", "num_records")
+TRAIN_FIGURES = ("free_memory_bytes", "tokens_per_second", "num_examples", "peak_rss_bytes", "train_seconds")
 
 
 def client_name(partition_id: int, node_id: int) -> str:
@@ -145,12 +156,20 @@ def _payload(tensors: dict[str, np.ndarray], rank: int, codec: str, config: dict
 def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console: Any = None) -> FedResult:
     """Rounds ``prep.start_round`` … ``fed.rounds``, then the federated eval of the final adapter."""
     rb, st, result = fed.robustness, fed.strategy, FedResult()
+    strategy = make_strategy(st, fed.partition.seed)
+    spec = type(strategy).__name__ if isinstance(strategy, BuiltinStrategy) else st.name
     known: dict[int, dict] = {}
     tensors = prep.global_tensors
     max_rank = max(x.shape[0] for n, x in tensors.items() if "lora_A" in n)
     prev_norm: float | None = None  # the last global update's norm: the norm screen's reference below 3 updates
     answered: set[int] = set()
+    silent: set[int] = set()  # sampled in the last round and never answered
     say = console.print if console is not None else (lambda *a, **k: None)
+    if prep.start_round == 1:  # the starting point of the per-round curves (step 0)
+        figures0 = central_figures(prep, tensors)
+        if figures0:
+            monitor.round_done(0, figures0)
+            result.initial_eval = figures0
     for rnd in range(prep.start_round, fed.rounds + 1):
         t0 = time.perf_counter()
         monitor.round_started(rnd)
@@ -167,7 +186,14 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
                                   monitor, ident_failures, max_rank=1024))
             failed += [{"round": rnd, **f} for f in ident_failures]
         nodes = [n for n in nodes if n in known]
-        sample = _sample(nodes, rb.fraction, rb.min_available, rnd, fed.partition.seed)
+        offered = [ClientInfo(known[n]["client"], n, known[n]["partition_id"], known[n]["rank"],
+                              dict(known[n]["figures"]), known[n].get("rounds_trained", 0)) for n in nodes]
+        count = min(len(nodes), max(rb.min_available, int(round(rb.fraction * len(nodes)))))
+        picked = strategy.select(rnd, offered, count)
+        sample = [c.node for c in (picked if isinstance(strategy, BuiltinStrategy)
+                                   else chosen_clients(picked, offered, spec))]
+        if not sample:
+            say(f"round {rnd}: no client meets strategy.selection ({len(offered)} offered)", highlight=False)
         config = train_config(fed, prep, rnd)
         messages, sent, sent_rank = [], {}, {}
         for n in sample:
@@ -179,7 +205,7 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
         replies = list(grid.send_and_receive(messages, timeout=rb.round_timeout_s))
 
         updates, metrics, up_bytes = [], [], 0
-        answered = set()
+        answered, silent = set(), set()
         shapes = {r: expected_shapes(tensors, r) for r in set(sent_rank.values())}
         for reply in replies:
             # one guard per reply: whatever is wrong with it is a recorded failure of that client
@@ -206,6 +232,8 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
                     raise
                 m["bytes_up"], m["bytes_down"] = float(nbytes), float(sent[n])
                 monitor.reply(rnd, who, nbytes, m)
+                known[n]["figures"].update({k: m[k] for k in TRAIN_FIGURES if k in m and m[k] >= 0})
+                known[n]["rounds_trained"] = known[n].get("rounds_trained", 0) + 1
                 updates.append(update)
                 metrics.append(m)
             except Exception as exc:
@@ -213,6 +241,7 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
                                "rejected": True})
         for n in sample:
             if n not in answered:
+                silent.add(n)
                 monitor.unanswered(known[n]["client"], sent[n])
                 failed.append({"round": rnd, "client": known[n]["client"],
                                "reason": f"no reply within {rb.round_timeout_s:g} s (node gone or too slow)"})
@@ -222,7 +251,9 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
             monitor.failure(rnd, f["client"], f["reason"], rejected=f.get("rejected", False))
         weights = update_weights(ok, st.weighting, st.max_examples, st.max_weight_ratio)
         if len(ok) >= rb.min_clients:
-            before, tensors = tensors, aggregate(tensors, ok, weights, st.aggregator, st.trim_fraction)
+            new = strategy.aggregate_train(rnd, tensors, ok, weights)
+            before, tensors = tensors, (new if isinstance(strategy, BuiltinStrategy)
+                                        else checked_global(new, tensors, spec))
             prev_norm = update_norm({k: tensors[k] - before[k] for k in tensors})
             status = "aggregated"
         else:
@@ -230,39 +261,67 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
             say(f"round {rnd}: {status}", highlight=False)
         path = save_global(prep.fed_dir / "global", rnd, tensors, {"federation": fed.federation, "rank": max_rank})
         weight_of = {id(u): w for u, w in zip(ok, weights)}
-        ok_pairs = [(m, weight_of[id(u)]) for m, u in zip(metrics, updates) if id(u) in weight_of]
-        agg = sum_metrics([m for m, _ in ok_pairs], [w for _, w in ok_pairs]) if ok_pairs else {}
+        ok_pairs = [({**m, "client": u.client}, weight_of[id(u)]) for m, u in zip(metrics, updates)
+                    if id(u) in weight_of]
+        agg = (sum_metrics([{k: v for k, v in m.items() if k != "client"} for m, _ in ok_pairs],
+                           [w for _, w in ok_pairs]) if ok_pairs else {})
         figures = {"round_seconds": time.perf_counter() - t0, "bytes_down": float(sum(sent.values())),
                    "bytes_up": float(up_bytes), "clients_sampled": float(len(sample)),
                    "clients_replied": float(len(updates)), "clients_accepted": float(len(ok)),
                    "clients_rejected": float(len(rejected)), "clients_failed": float(len(failed)),
                    **{f"train_{k}" if not k.startswith("train_") else k: v for k, v in agg.items()
                       if k in ("train_loss", "train_seconds", "peak_rss_bytes", "tokens_per_second")}}
-        loss = central_eval(prep, tensors)
-        if loss is not None:
-            figures["central_eval_loss"] = loss
-        if "eval_loss_before" in agg:
-            # clients evaluate the global they receive: the previous round's adapter on their own eval data
-            monitor.round_done(rnd - 1, {"federated_eval_loss": agg["eval_loss_before"]})
+        figures |= central_figures(prep, tensors)
+        loss = figures.get("central_eval_loss")
+        # federated eval: each client evaluates the global it receives (the previous round's adapter) on its
+        # own eval data before training; weighted by the examples it read
+        evals = [EvalReply(m_["client"], m_.get("eval_examples_before", m_["num_examples"]), m_["eval_loss_before"],
+                           m_.get("eval_accuracy_before")) for m_, _ in ok_pairs if "eval_loss_before" in m_]
+        fed_eval = aggregate_evals(strategy, spec, rnd - 1, evals, st)
+        if fed_eval:
+            monitor.round_done(rnd - 1, fed_eval)
+            if result.rounds and result.rounds[-1]["round"] == rnd - 1:
+                result.rounds[-1].update(fed_eval)
+            else:
+                result.initial_eval.update(fed_eval)
         monitor.round_done(rnd, figures)
         result.rounds.append({"round": rnd, "status": status, **figures, "failures": failed})
         result.failures += failed
         result.global_path = str(path)
         say(f"round {rnd}/{fed.rounds}: {len(ok)}/{len(sample)} updates averaged, "
             f"{figures['bytes_down'] / 1e3:.1f} kB down, {figures['bytes_up'] / 1e3:.1f} kB up, "
-            f"{figures['round_seconds']:.1f} s" + (f", central eval loss {loss:.4f}" if loss is not None else ""),
+            f"{figures['round_seconds']:.1f} s" + (f", central eval loss {loss:.4f}, token accuracy "
+                                                   f"{figures['central_eval_accuracy']:.4f}" if loss is not None else ""),
             highlight=False)
-    # the final eval goes to the nodes that answered the last round: a dead one would only cost a timeout
-    last = {n: v for n, v in known.items() if n in answered} if prep.start_round <= fed.rounds else known
-    result.final_eval = federated_eval(grid, fed, prep, tensors, last, monitor)
+    # the final eval goes to every known node but those silent in the last round (a dead one would only cost a
+    # timeout); nodes the strategy did not select then are alive and evaluate too
+    last = {n: v for n, v in known.items() if n not in silent}
+    result.final_eval = federated_eval(grid, fed, prep, tensors, last, monitor, strategy)
+    if result.rounds and result.rounds[-1]["round"] == fed.rounds:  # the final eval is the last round's
+        result.rounds[-1].update({k: v for k, v in result.final_eval.items() if k.startswith("federated_eval_")})
     result.clients = known
     prep.global_tensors = tensors
     return result
 
 
+def aggregate_evals(strategy: Any, spec: str, rnd: int, evals: list[EvalReply], st: Any) -> dict[str, float]:
+    """``federated_eval_<key>`` figures of round ``rnd`` from clients' eval replies, their self-reported
+    example counts capped as train weights are (``strategy.weighting``, ``max_examples``, ``max_weight_ratio``)."""
+    if not evals:
+        return {}
+    for e, w in zip(evals, capped_weights([e.examples for e in evals], st.weighting, st.max_examples,
+                                          st.max_weight_ratio)):
+        e.examples = w
+    out = strategy.aggregate_evaluate(rnd, evals)
+    if not isinstance(strategy, BuiltinStrategy):
+        out = checked_figures(out, spec)
+    return {f"federated_eval_{k}": v for k, v in out.items()}
+
+
 def federated_eval(grid: Any, fed: FedConfig, prep: Prepared, tensors: dict[str, np.ndarray],
-                   known: dict[int, dict], monitor: Any) -> dict:
-    """The final global adapter on each connected client's own eval data; sample-weighted mean."""
+                   known: dict[int, dict], monitor: Any, strategy: Any = None) -> dict:
+    """The final global adapter on each connected client's own eval data, aggregated by the strategy (default:
+    weighted by the examples each read)."""
     nodes = [n for n in grid.get_node_ids() if n in known]
     config = train_config(fed, prep, fed.rounds)
     messages, sent = [], {}
@@ -271,8 +330,7 @@ def federated_eval(grid: Any, fed: FedConfig, prep: Prepared, tensors: dict[str,
         sent[n] = content_bytes(content)
         monitor.sent(known[n]["client"], sent[n])
         messages.append(_message(content, n, "EVALUATE"))
-    losses, weights, seen, bad = [], [], set(), []
-    cap = float(fed.strategy.max_examples) if fed.strategy.max_examples else math.inf
+    evals, seen, bad = [], set(), []
     replies = list(grid.send_and_receive(messages, timeout=fed.robustness.round_timeout_s))
     for n in set(nodes) - {r.metadata.src_node_id for r in replies}:
         monitor.unanswered(known[n]["client"], sent[n])
@@ -282,29 +340,24 @@ def federated_eval(grid: Any, fed: FedConfig, prep: Prepared, tensors: dict[str,
             if n not in sent or n in seen or reply.has_error():
                 continue
             seen.add(n)
-            m = reply_metrics(reply.content, ("num_examples",), numeric=("eval_loss",))
+            m = reply_metrics(reply.content, ("num_examples",), numeric=("eval_loss", "eval_accuracy"))
             monitor.reply(fed.rounds, known[n]["client"], content_bytes(reply.content), m, kind="evaluate")
-            if "eval_loss" in m and m["num_examples"] > 0:
-                losses.append(m["eval_loss"])
-                weights.append(1.0 if fed.strategy.weighting == "equal" else min(m["num_examples"], cap))
+            examples = m.get("eval_examples", m["num_examples"])
+            if "eval_loss" in m and examples > 0:
+                evals.append(EvalReply(known[n]["client"], examples, m["eval_loss"], m.get("eval_accuracy")))
         except Exception as exc:
             who = known.get(getattr(reply.metadata, "src_node_id", None), {}).get("client", "unknown")
             bad.append({"client": who, "reason": f"bad eval reply: {short_reason(exc)}", "rejected": True})
             monitor.failure(fed.rounds, who, bad[-1]["reason"], rejected=True)
-    out: dict[str, Any] = {"clients": len(losses)}
+    out: dict[str, Any] = {"clients": len(evals)}
     if bad:
         out["failures"] = bad
-    if losses:
-        out["federated_eval_loss"] = float(np.average(losses, weights=weights))
-        monitor.round_done(fed.rounds, {"federated_eval_loss": out["federated_eval_loss"]})
+    figures = aggregate_evals(strategy or make_strategy(fed.strategy), fed.strategy.name, fed.rounds, evals,
+                              fed.strategy)
+    if figures:
+        out.update(figures)
+        monitor.round_done(fed.rounds, figures)
     return out
-
-
-def _sample(nodes: list[int], fraction: float, minimum: int, rnd: int, seed: int) -> list[int]:
-    """A seeded sample of ``fraction`` of the nodes (at least ``minimum``, at most all)."""
-    k = min(len(nodes), max(minimum, int(round(fraction * len(nodes)))))
-    rng = np.random.default_rng([seed, rnd])
-    return sorted(rng.choice(nodes, size=k, replace=False).tolist()) if k < len(nodes) else list(nodes)
 
 
 def run_federation(grid: Any, fed: FedConfig, console: Any = None, prep: Prepared | None = None) -> FedResult:

@@ -125,11 +125,17 @@ def update_weights(updates: list[Update], weighting: str = "samples", max_exampl
     (``"equal"``). A client reports its own count, so it is capped: at ``max_examples`` (what the server
     configured) and at ``max_ratio`` × the round's lower median count (with at least 2 updates) — one
     client claiming 1e9 examples weighs no more than that."""
+    return capped_weights([float(u.num_examples) for u in updates], weighting, max_examples, max_ratio)
+
+
+def capped_weights(counts: list[float], weighting: str = "samples", max_examples: int | None = None,
+                   max_ratio: float | None = None) -> list[float]:
+    """Self-reported counts (train or eval examples) as weights, capped as ``update_weights`` says."""
     if weighting == "equal":
-        return [1.0] * len(updates)
+        return [1.0] * len(counts)
     if weighting != "samples":
         raise ValueError(f"unknown weighting {weighting!r}; use samples or equal")
-    w = [float(u.num_examples) for u in updates]
+    w = [float(x) for x in counts]
     cap = math.inf if max_examples is None else float(max_examples)
     if max_ratio is not None and len(w) >= 2:
         cap = min(cap, max_ratio * sorted(w)[(len(w) - 1) // 2])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lowres.errors import CheckpointError
-from lowres.train.loss import causal_lm_loss
+from lowres.train.loss import causal_lm_loss, causal_lm_loss_and_correct
 
 
 def autocast_context(precision: Any, device: str):
@@ -29,16 +29,17 @@ def autocast_context(precision: Any, device: str):
 
 @torch.no_grad()
 def evaluate(model: Any, blocks: Any, batch_size: int, chunk_tokens: int, max_batches: int | None,
-             precision: Any = None, device: str = "cpu") -> dict | None:
+             precision: Any = None, device: str = "cpu", accuracy: bool = False) -> dict | None:
     """Mean next-token loss per label token and its perplexity over ``blocks`` in order (the first
-    ``max_batches`` batches); None when there are no blocks. Dropout is off while it runs."""
+    ``max_batches`` batches); None when there are no blocks. Dropout is off while it runs. ``accuracy``
+    adds ``accuracy``: top-1 next-token accuracy over the same label tokens, and ``examples``: blocks read."""
     n = len(blocks)
     if n == 0:
         return None
     was_training = model.training
     model.eval()
     _keep_4bit_layout(model)
-    total, tokens, batches = 0.0, 0, 0
+    total, tokens, batches, correct, examples = 0.0, 0, 0, 0, 0
     try:
         for start in range(0, n, batch_size):
             if max_batches is not None and batches >= max_batches:
@@ -48,16 +49,24 @@ def evaluate(model: Any, blocks: Any, batch_size: int, chunk_tokens: int, max_ba
             if part.attention_mask is not None:
                 batch["attention_mask"] = part.attention_mask.to(device)
             with autocast_context(precision, device):
-                loss, count = causal_lm_loss(model, batch, chunk_tokens)
+                if accuracy:
+                    loss, count, right = causal_lm_loss_and_correct(model, batch, chunk_tokens)
+                    correct += right
+                else:
+                    loss, count = causal_lm_loss(model, batch, chunk_tokens)
             total += float(loss)
             tokens += count
             batches += 1
+            examples += len(part)
     finally:
         model.train(was_training)
     if tokens == 0:
         return None
     mean = total / tokens
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens, "batches": batches}
+    out = {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens, "batches": batches}
+    if accuracy:
+        out |= {"accuracy": correct / tokens, "examples": examples}
+    return out
 
 
 def _keep_4bit_layout(model: Any) -> None:

@@ -127,3 +127,34 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int) -> tuple[torch.Tensor,
         return loss, n_tokens
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
     return chunked_lm_loss(hidden, head.weight, labels, head.bias, chunk_tokens), n_tokens
+
+
+@torch.no_grad()
+def causal_lm_loss_and_correct(model, batch: dict, chunk_tokens: int) -> tuple[float, int, int]:
+    """(summed next-token loss, label tokens, label tokens whose top-1 prediction is right) of one batch.
+
+    Token accuracy is top-1 next-token accuracy on the targets that count (labels ≠ -100: no padding, no
+    masked prompt). For evaluation only (no gradients); like ``causal_lm_loss`` the head runs chunk by chunk,
+    so the whole batch's logits never exist at once."""
+    labels = shift_labels(batch["labels"])
+    y = labels.reshape(-1)
+    keep = y != IGNORE_INDEX
+    n_tokens = int(keep.sum())
+    decoder, head = _head_and_decoder(model)
+    if decoder is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        logits = logits.float().reshape(-1, logits.shape[-1])
+        loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+        return float(loss), n_tokens, int(((logits.argmax(-1) == y) & keep).sum())
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    step = chunk_tokens if chunk_tokens > 0 else h2.shape[0]
+    total, correct = 0.0, 0
+    for start in range(0, h2.shape[0], step):
+        yc, kc = y[start:start + step], keep[start:start + step]
+        if not bool(kc.any()):
+            continue
+        logits = F.linear(h2[start:start + step].to(head.weight.dtype), head.weight, head.bias).float()
+        total += float(F.cross_entropy(logits, yc, ignore_index=IGNORE_INDEX, reduction="sum"))
+        correct += int(((logits.argmax(-1) == yc) & kc).sum())
+    return total, n_tokens, correct
