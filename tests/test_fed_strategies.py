@@ -2,8 +2,6 @@
 update, client selection by what clients report, a user class from configs/ taking effect in the real round
 loop, exit-2 errors for a class that is missing or wrong, and token accuracy beside loss."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -103,6 +101,28 @@ def test_a_missing_or_wrong_strategy_is_one_line_exit_2(tmp_path, capsys, body, 
         code = exc.code
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and problem in lines[0]
+
+
+def test_a_user_strategy_answer_that_cannot_be_used_is_one_line_naming_the_method():
+    from lowres.federated.strategies import CheckedStrategy, StrategyError
+
+    class Sloppy:
+        def select(self, server_round, clients, count):
+            return ["client-09"]
+
+        def aggregate_train(self, server_round, global_tensors, updates, weights):
+            return {k: v[:1] for k, v in global_tensors.items()}
+
+        def aggregate_evaluate(self, server_round, evals):
+            raise KeyError("accuracy")
+
+    s = CheckedStrategy(Sloppy(), "mine.py:Sloppy")
+    for call, says in ((lambda: s.select(1, _clients(), 2), "select returned 'client-09', not one of the clients"),
+                       (lambda: s.aggregate_train(1, {"w": np.ones((2, 2), np.float32)}, [], []), r"w has shape \(1, 2\), expected \(2, 2\)"),
+                       (lambda: s.aggregate_evaluate(1, []), "aggregate_evaluate raised KeyError")):
+        with pytest.raises(StrategyError, match=says) as err:
+            call()
+        assert err.value.exit_code == 2 and "\n" not in str(err.value)
 
 
 def test_strategy_parameters_are_validated():

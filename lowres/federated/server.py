@@ -40,8 +40,7 @@ from lowres.federated.config import FedConfig
 from lowres.federated.global_state import save_global
 from lowres.federated.preparation import Prepared, central_figures, prepare
 from lowres.federated.replies import read_update, reply_metrics, short_reason
-from lowres.federated.strategies import (BuiltinStrategy, ClientInfo, EvalReply, checked_figures, checked_global,
-                                         chosen_clients, make_strategy)
+from lowres.federated.strategies import ClientInfo, EvalReply, make_strategy
 from lowres.federated.strategy import (capped_weights, expected_shapes, screen, sum_metrics, truncate_to_rank,
                                        update_norm, update_weights)
 from lowres.federated.wire import ARRAYS_KEY, CONFIG_KEY, content_bytes, to_arrayrecord
@@ -157,7 +156,6 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
     """Rounds ``prep.start_round`` … ``fed.rounds``, then the federated eval of the final adapter."""
     rb, st, result = fed.robustness, fed.strategy, FedResult()
     strategy = make_strategy(st, fed.partition.seed)
-    spec = type(strategy).__name__ if isinstance(strategy, BuiltinStrategy) else st.name
     known: dict[int, dict] = {}
     tensors = prep.global_tensors
     max_rank = max(x.shape[0] for n, x in tensors.items() if "lora_A" in n)
@@ -189,9 +187,7 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
         offered = [ClientInfo(known[n]["client"], n, known[n]["partition_id"], known[n]["rank"],
                               dict(known[n]["figures"]), known[n].get("rounds_trained", 0)) for n in nodes]
         count = min(len(nodes), max(rb.min_available, int(round(rb.fraction * len(nodes)))))
-        picked = strategy.select(rnd, offered, count)
-        sample = [c.node for c in (picked if isinstance(strategy, BuiltinStrategy)
-                                   else chosen_clients(picked, offered, spec))]
+        sample = [c.node for c in strategy.select(rnd, offered, count)]
         if not sample:
             say(f"round {rnd}: no client meets strategy.selection ({len(offered)} offered)", highlight=False)
         config = train_config(fed, prep, rnd)
@@ -251,9 +247,7 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
             monitor.failure(rnd, f["client"], f["reason"], rejected=f.get("rejected", False))
         weights = update_weights(ok, st.weighting, st.max_examples, st.max_weight_ratio)
         if len(ok) >= rb.min_clients:
-            new = strategy.aggregate_train(rnd, tensors, ok, weights)
-            before, tensors = tensors, (new if isinstance(strategy, BuiltinStrategy)
-                                        else checked_global(new, tensors, spec))
+            before, tensors = tensors, strategy.aggregate_train(rnd, tensors, ok, weights)
             prev_norm = update_norm({k: tensors[k] - before[k] for k in tensors})
             status = "aggregated"
         else:
@@ -261,10 +255,9 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
             say(f"round {rnd}: {status}", highlight=False)
         path = save_global(prep.fed_dir / "global", rnd, tensors, {"federation": fed.federation, "rank": max_rank})
         weight_of = {id(u): w for u, w in zip(ok, weights)}
-        ok_pairs = [({**m, "client": u.client}, weight_of[id(u)]) for m, u in zip(metrics, updates)
-                    if id(u) in weight_of]
-        agg = (sum_metrics([{k: v for k, v in m.items() if k != "client"} for m, _ in ok_pairs],
-                           [w for _, w in ok_pairs]) if ok_pairs else {})
+        accepted = [(m, u) for m, u in zip(metrics, updates) if id(u) in weight_of]
+        ok_pairs = [(m, weight_of[id(u)]) for m, u in accepted]
+        agg = sum_metrics([m for m, _ in ok_pairs], [w for _, w in ok_pairs]) if ok_pairs else {}
         figures = {"round_seconds": time.perf_counter() - t0, "bytes_down": float(sum(sent.values())),
                    "bytes_up": float(up_bytes), "clients_sampled": float(len(sample)),
                    "clients_replied": float(len(updates)), "clients_accepted": float(len(ok)),
@@ -275,9 +268,9 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
         loss = figures.get("central_eval_loss")
         # federated eval: each client evaluates the global it receives (the previous round's adapter) on its
         # own eval data before training; weighted by the examples it read
-        evals = [EvalReply(m_["client"], m_.get("eval_examples_before", m_["num_examples"]), m_["eval_loss_before"],
-                           m_.get("eval_accuracy_before")) for m_, _ in ok_pairs if "eval_loss_before" in m_]
-        fed_eval = aggregate_evals(strategy, spec, rnd - 1, evals, st)
+        evals = [EvalReply(u.client, m.get("eval_examples_before", m["num_examples"]), m["eval_loss_before"],
+                           m.get("eval_accuracy_before")) for m, u in accepted if "eval_loss_before" in m]
+        fed_eval = aggregate_evals(strategy, rnd - 1, evals, st)
         if fed_eval:
             monitor.round_done(rnd - 1, fed_eval)
             if result.rounds and result.rounds[-1]["round"] == rnd - 1:
@@ -304,7 +297,7 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
     return result
 
 
-def aggregate_evals(strategy: Any, spec: str, rnd: int, evals: list[EvalReply], st: Any) -> dict[str, float]:
+def aggregate_evals(strategy: Any, rnd: int, evals: list[EvalReply], st: Any) -> dict[str, float]:
     """``federated_eval_<key>`` figures of round ``rnd`` from clients' eval replies, their self-reported
     example counts capped as train weights are (``strategy.weighting``, ``max_examples``, ``max_weight_ratio``)."""
     if not evals:
@@ -312,10 +305,7 @@ def aggregate_evals(strategy: Any, spec: str, rnd: int, evals: list[EvalReply], 
     for e, w in zip(evals, capped_weights([e.examples for e in evals], st.weighting, st.max_examples,
                                           st.max_weight_ratio)):
         e.examples = w
-    out = strategy.aggregate_evaluate(rnd, evals)
-    if not isinstance(strategy, BuiltinStrategy):
-        out = checked_figures(out, spec)
-    return {f"federated_eval_{k}": v for k, v in out.items()}
+    return {f"federated_eval_{k}": v for k, v in strategy.aggregate_evaluate(rnd, evals).items()}
 
 
 def federated_eval(grid: Any, fed: FedConfig, prep: Prepared, tensors: dict[str, np.ndarray],
@@ -352,8 +342,7 @@ def federated_eval(grid: Any, fed: FedConfig, prep: Prepared, tensors: dict[str,
     out: dict[str, Any] = {"clients": len(evals)}
     if bad:
         out["failures"] = bad
-    figures = aggregate_evals(strategy or make_strategy(fed.strategy), fed.strategy.name, fed.rounds, evals,
-                              fed.strategy)
+    figures = aggregate_evals(strategy or make_strategy(fed.strategy), fed.rounds, evals, fed.strategy)
     if figures:
         out.update(figures)
         monitor.round_done(fed.rounds, figures)

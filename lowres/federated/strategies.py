@@ -264,15 +264,45 @@ def load_class(spec: str) -> type:
 
 
 def make_strategy(st: Any, seed: int = 0) -> Any:
-    """The strategy ``st`` (a StrategyConfig) names: built in, or the user's class built with ``st.options``."""
+    """The strategy ``st`` (a StrategyConfig) names: built in, or the user's class built with ``st.options``
+    (wrapped in ``CheckedStrategy``)."""
     if not is_class_spec(st.name):
         return BuiltinStrategy(st, seed)
     cls = load_class(st.name)
     try:
-        return cls(**st.options)
+        return CheckedStrategy(cls(**st.options), st.name)
     except Exception as exc:
         raise ConfigError(f"strategy.name {st.name!r}: {cls.__name__}(**strategy.options) failed "
                           f"({type(exc).__name__}: {exc})", hint="check strategy.options") from None
+
+
+class CheckedStrategy:
+    """A user's strategy as the round loop calls it: it gets copies (it cannot change the server's state behind
+    its back), its answers are checked, and whatever it raises becomes one StrategyError line naming the method."""
+
+    def __init__(self, inner: Any, spec: str):
+        self.inner, self.spec = inner, spec
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.inner, method)(*args)
+        except StrategyError:
+            raise
+        except Exception as exc:
+            raise StrategyError(f"{self.spec}.{method} raised {type(exc).__name__}: {exc}") from exc
+
+    def select(self, server_round, clients, count):
+        offered = [ClientInfo(c.name, c.node, c.partition_id, c.rank, dict(c.figures), c.rounds_trained)
+                   for c in clients]
+        return chosen_clients(self._call("select", server_round, offered, count), clients, self.spec)
+
+    def aggregate_train(self, server_round, global_tensors, updates, weights):
+        new = self._call("aggregate_train", server_round, {k: v.copy() for k, v in global_tensors.items()},
+                         list(updates), list(weights))
+        return checked_global(new, global_tensors, self.spec)
+
+    def aggregate_evaluate(self, server_round, evals):
+        return checked_figures(self._call("aggregate_evaluate", server_round, list(evals)), self.spec)
 
 
 def chosen_clients(picked: Any, offered: list[ClientInfo], spec: str) -> list[ClientInfo]:
@@ -300,9 +330,10 @@ def checked_global(new: Any, old: dict[str, np.ndarray], spec: str) -> dict[str,
     out = {}
     for k, x in new.items():
         a = np.asarray(x, dtype=np.float32)
-        if a.shape != old[k].shape or not np.all(np.isfinite(a)):
-            raise StrategyError(f"{spec}.aggregate_train: {k} has shape {a.shape} (expected {old[k].shape}) "
-                                "or holds NaN/Inf")
+        if a.shape != old[k].shape:
+            raise StrategyError(f"{spec}.aggregate_train: {k} has shape {a.shape}, expected {old[k].shape}")
+        if not np.all(np.isfinite(a)):
+            raise StrategyError(f"{spec}.aggregate_train: {k} holds NaN or Inf")
         out[k] = a
     return out
 
