@@ -225,3 +225,26 @@ def test_token_accuracy_counts_top1_hits_on_label_tokens_only():
     with torch.no_grad():
         model.lm_head.weight.zero_()
     assert causal_lm_loss_and_correct(model, {"input_ids": ids, "labels": torch.full_like(ids, 0)}, 4)[2] == 3 * 11
+
+
+def test_builtin_selection_by_examples_uses_what_clients_report(tmp_path):
+    """strategy.selection.by=examples in the real round loop: the records each client reports with its identity
+    decide which 2 of 3 train."""
+    from lowres.federated.client import clear_cache
+    from lowres.federated.client_app import app as client_app
+    from lowres.federated.local_grid import LocalGrid
+    from lowres.federated.server import run_federation
+
+    fed = load_fed_config(TINY, [f"output_dir={tmp_path / 'fed'}", "tracking.mlflow=false", "rounds=1",
+                                 "local_steps=1", "partition.scheme=dirichlet", "robustness.min_available=2",
+                                 "robustness.fraction=0.67", "strategy.selection.by=examples"])
+    grid = LocalGrid(client_app, 3)
+    clear_cache()
+    try:
+        res = run_federation(grid, fed)
+    finally:
+        clear_cache()
+    records = [sum(1 for _ in open(p)) for p in sorted((tmp_path / "fed" / "partitions").glob("client-*.jsonl"))]
+    assert len(set(records)) == 3 and set(grid.train_rounds) == {1000 + i for i in np.argsort(records)[-2:]}
+    assert {c["client"]: c["figures"]["num_records"] for c in res.clients.values()} == \
+        {f"client-{i:02d}": float(n) for i, n in enumerate(records)}
