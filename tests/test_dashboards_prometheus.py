@@ -207,7 +207,8 @@ def _push_stand_ins(pgw: str, fingerprint: str, late: bool) -> None:
     n = 2 if late else 1
     _push(pgw, "federation", [
         f"lowres_fed_round{{{f}}} {n}", f"lowres_fed_round_seconds{{{f}}} 12.5",
-        f"lowres_fed_eval_loss{{{f}}} {3.1 - n / 10}",
+        f"lowres_fed_eval_loss{{{f}}} {3.1 - n / 10}", f"lowres_fed_federated_eval_loss{{{f}}} {3.2 - n / 10}",
+        f"lowres_fed_eval_accuracy_ratio{{{f}}} {0.1 * n}", f"lowres_fed_federated_eval_accuracy_ratio{{{f}}} {0.08 * n}",
         *(line for c in ("c1", "c2") for line in (
             f'lowres_fed_bytes_sent_total{{{f},client="{c}"}} {n * 1e6}',
             f'lowres_fed_bytes_received_total{{{f},client="{c}"}} {n * 4e5}',
