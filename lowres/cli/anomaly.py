@@ -44,7 +44,9 @@ def run(
     if json_output:
         print(json.dumps(r, indent=2, default=float))
     else:
-        console.print(f"F1 student {r['f1_student']:.3f} · teacher {r['f1_teacher']:.3f} · FedAvg {r['f1_fedavg']:.3f}"
+        teacher = f" · teacher {r['f1_teacher']:.3f}" if "f1_teacher" in r else ""
+        fs = f" · FedAvg student {r['f1_fedavg_student']:.3f}" if "f1_fedavg_student" in r else ""
+        console.print(f"F1 student ({r['mode']}) {r['f1_student']:.3f}{teacher} · FedAvg {r['f1_fedavg']:.3f}{fs}"
                       f" · comm ratio {r['comm_ratio']:.3f} · latency ratio {r['latency_ratio']:.3f}; student saved "
                       f"in {Path(cfg.output_dir) / 'student'}", highlight=False)
 
