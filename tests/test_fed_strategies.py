@@ -135,6 +135,9 @@ def test_strategy_parameters_are_validated():
             load_fed_config(TINY, bad)
     fed = load_fed_config(TINY, ["strategy.name=fedyogi", "strategy.eta_l=0.004"])
     assert fed.run_config().train.lr == 0.004  # η_l is the clients' learning rate
+    from flwr.serverapp.strategy import FedYogi
+
+    assert make_strategy(fed.strategy).optimizer.flower.eta == FedYogi().eta  # null: Flower's own default
 
 
 def test_custom_selector_and_aggregator_from_configs_take_effect(tmp_path):

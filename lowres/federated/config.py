@@ -78,7 +78,7 @@ class StrategyConfig(_Section):
                       "(Flower's server optimisers over the averaged update) | FILE.py:Class or package.module:Class "
                       "(a class with select, aggregate_train, aggregate_evaluate; lowres/federated/strategies.py)")
     eta: float | None = Field(None, gt=0, description="fedadam/fedyogi/fedadagrad: server learning rate η "
-                              "(null: lowres' default for LoRA updates, 0.01)")
+                              "(null: the Flower class's default: 0.1 fedadam/fedadagrad, 0.01 fedyogi)")
     eta_l: float | None = Field(None, gt=0, description="the clients' learning rate η_l (sets train.lr of every "
                                 "client); null = the recipe's train.lr")
     beta_1: float | None = Field(None, ge=0, lt=1, description="fedadam/fedyogi: first-moment decay (null: Flower's 0.9)")

@@ -50,7 +50,6 @@ from lowres.federated.strategy import Update, aggregate
 
 BUILTIN = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 SERVER_OPTIMIZERS = {"fedadam": "FedAdam", "fedyogi": "FedYogi", "fedadagrad": "FedAdagrad"}
-DEFAULT_ETA = 0.01  # the server learning rate when strategy.eta is null (see BuiltinStrategy)
 METHODS = {"select": ("server_round", "clients", "count"),
            "aggregate_train": ("server_round", "global_tensors", "updates", "weights"),
            "aggregate_evaluate": ("server_round", "evals")}
@@ -179,10 +178,8 @@ class BuiltinStrategy:
         self.minimum = {k: float(v) for k, v in (("free_memory_bytes", sel.min_free_memory_bytes),
                                                   ("tokens_per_second", sel.min_tokens_per_second),
                                                   ("num_records", sel.min_records)) if v is not None}
-        # Flower's default η = 0.1 (FedAdam, FedAdagrad) moves every weight by up to ~0.1 a round: far more
-        # than a LoRA update of a few local steps (~1e-3 per weight), so lowres' default is 0.01
-        eta = st.eta if st.eta is not None else DEFAULT_ETA
-        self.optimizer = (ServerOptimizer(st.name, eta=eta, eta_l=st.eta_l, beta_1=st.beta_1, beta_2=st.beta_2,
+        # a parameter left null takes the Flower class's own default (FedAdam η = 0.1, FedYogi η = 0.01, …)
+        self.optimizer = (ServerOptimizer(st.name, eta=st.eta, eta_l=st.eta_l, beta_1=st.beta_1, beta_2=st.beta_2,
                                           tau=st.tau) if st.name in SERVER_OPTIMIZERS else None)
 
     def select(self, server_round, clients, count):
