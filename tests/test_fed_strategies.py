@@ -180,7 +180,7 @@ def test_custom_selector_and_aggregator_from_configs_take_effect(tmp_path):
     records = [sum(1 for _ in open(p)) for p in sorted((tmp_path / "fed" / "partitions").glob("client-*.jsonl"))]
     largest = {1000 + i for i in np.argsort(records)[-2:]}
     assert len(set(records)) == 3 and set(grid.train_rounds) == largest and set(grid.train_rounds.values()) == {2}
-    assert [r["clients_sampled"] for r in res.rounds] == [2.0, 2.0]
+    assert [r["sampled"] for r in res.rounds] == [[f"client-{n - 1000:02d}" for n in sorted(largest)]] * 2
     # the aggregator: round 2's global = round 1's + 0.5 × the equal-weight mean of round 1's two updates
     g1, g2 = sent[0][1], sent[2][1]
     d = [delta for _, delta, _ in replies[:2]]

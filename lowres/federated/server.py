@@ -278,7 +278,8 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
             else:
                 result.initial_eval.update(fed_eval)
         monitor.round_done(rnd, figures)
-        result.rounds.append({"round": rnd, "status": status, **figures, "failures": failed})
+        result.rounds.append({"round": rnd, "status": status, **figures, "failures": failed,
+                              "sampled": [known[n]["client"] for n in sample]})
         result.failures += failed
         result.global_path = str(path)
         say(f"round {rnd}/{fed.rounds}: {len(ok)}/{len(sample)} updates averaged, "
