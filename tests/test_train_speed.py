@@ -63,3 +63,29 @@ def test_profile_cut_short_by_the_run_end_is_still_summarised(tmp_path):
     assert result.op_profile["steps"] == 2  # steps 2 and 3 of 3 were traced
     assert cfg.config_hash() == load_config(None, tiny_overrides(tmp_path, data, steps=3, **{
         "tracking.mlflow": "false", "train.warmup_ignore_steps": 1})).config_hash()  # a trace changes no result
+
+
+def _losses(tmp_path, name: str, steps: int = 3, **extra) -> list[float]:
+    from lowres.train.recipe import Recipe
+
+    data = write_corpus(tmp_path)
+    cfg = load_config(None, tiny_overrides(tmp_path / name, data, steps=100, **{"tracking.mlflow": "false", **extra}))
+    recipe = Recipe(cfg, progress=False).setup()
+    try:
+        recipe.train(steps=steps)  # fewer than max_steps: no final eval or save, just the steps
+    finally:
+        recipe.cleanup()
+    return [r["loss"] for r in recipe.history]
+
+
+OPTIONS = [{"train.attention": "eager"}, {"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"},
+           {"train.loss_chunk_tokens": 0}, {"train.threads": 1}]
+
+
+def test_speed_options_keep_the_loss_curve(tmp_path):
+    base = _losses(tmp_path, "base")
+    assert base[-1] < base[0]  # the steps did train (a loss curve, not a constant)
+    for i, option in enumerate(OPTIONS):
+        other = _losses(tmp_path, f"o{i}", **option)
+        # the same tokens and seed: only float summation order may differ
+        assert other == pytest.approx(base, rel=1e-4), option
