@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lowres.config import RunConfig
-from lowres.federated.compression import ErrorFeedback, decode, encode, parse_codec
+from lowres.federated.compression import QAT_KINDS, ErrorFeedback, decode, encode, parse_codec
 from lowres.federated.strategy import truncate_to_rank
 from lowres.train.recipe import Recipe
 
@@ -135,8 +135,9 @@ def _set_fedprox(state: ClientState, mu: float) -> None:
 
 def train_round(state: ClientState, global_parts: dict[str, np.ndarray], local_steps: int, codec_up: str,
                 error_feedback: bool = False, fedprox_mu: float = 0.0,
-                profile_interval: float = 0.5) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Load the global adapter, train ``local_steps``, return (encoded update, metrics).
+                profile_interval: float = 0.5, qat: bool = False) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Load the global adapter, train ``local_steps``, return (encoded update, metrics). ``qat``: train through
+    the uplink codec's rounding when it is int8/int8t/int4 (``lowres.federated.qat``; other codecs: ignored).
 
     metrics: num_examples (train blocks, the FedAvg weight), rank, steps, train_loss, train_seconds,
     tokens_per_second, peak_rss_bytes / cpu figures from the profiler, free_memory_bytes after the round, and
@@ -148,15 +149,24 @@ def train_round(state: ClientState, global_parts: dict[str, np.ndarray], local_s
     received = load_global(state, global_parts)
     before = _eval(r)
     _set_fedprox(state, fedprox_mu)
+    codec = parse_codec(codec_up)
+    fake = None
+    if qat and codec.kind in QAT_KINDS:
+        from lowres.federated.qat import start_qat
+
+        fake = start_qat(r.model, codec)  # anchored at the global weights just loaded
     t0, step0 = time.perf_counter(), r.step
-    with Profiler(interval=profile_interval, mode="thread") as prof:
-        result = r.train(steps=local_steps)
+    try:
+        with Profiler(interval=profile_interval, mode="thread") as prof:
+            result = r.train(steps=local_steps)
+    finally:
+        if fake is not None:
+            fake.finish()  # the model keeps global + Q(Δ): the update below is a fixed point of the codec
     seconds = time.perf_counter() - t0
     delta = {n: x - received[n] for n, x in lora_tensors(r.model).items()}
-    codec = parse_codec(codec_up)
     parts = state.feedback.encode(delta, codec) if (error_feedback and codec.lossy) else encode(delta, codec)
     state.rounds += 1
-    metrics = {"num_examples": float(len(r.data.train)), "rank": float(r.cfg.lora.rank),
+    metrics = {"num_examples": float(len(r.data.train)), "rank": float(r.cfg.lora.rank), "qat": float(fake is not None),
                "steps": float(r.step - step0), "train_seconds": seconds,
                **_profile_figures(prof.summary.to_dict())}
     free = free_memory_bytes()

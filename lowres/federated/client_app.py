@@ -89,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     state, config = _state(msg, context)
     parts, metrics = train_round(state, from_arrayrecord(msg.content[ARRAYS_KEY]), int(config["local_steps"]),
                                  str(config["codec_up"]), bool(config.get("error_feedback", False)),
-                                 float(config.get("fedprox_mu", 0.0)))
+                                 float(config.get("fedprox_mu", 0.0)), qat=bool(config.get("qat", False)))
     metrics["partition_id"] = float(_partition_id(context))
     return Message(RecordDict({ARRAYS_KEY: to_arrayrecord(parts), METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 

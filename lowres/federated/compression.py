@@ -13,6 +13,9 @@ Codecs (``parse_codec`` strings):
 - ``int8`` (per channel: one scale per slice along the rank axis, see ``channel_axis``) and ``int8t`` (one
   scale per tensor): symmetric
   ``q = round(x / s)``, ``s = max|x| / 127``, so every element is off by at most ``s / 2``.
+- ``int4``: the same per channel with 15 levels (``s = max|x| / 7``), two values packed per byte: half the
+  bytes of int8, 18× coarser steps. ``quantize(x, codec)`` is the round trip of the dense codecs, the quantiser
+  QAT trains through (``lowres.federated.qat``): a tensor it returns is its own fixed point.
 - ``topk<P>``: the P % largest-magnitude entries of each tensor as positions + values (never dense zeros:
   zeros in a dense tensor cost as much as any other value on the wire). Positions travel as int32 indices,
   or as a packed bitmask when that is smaller (more than 1/32 of the entries kept: 1 bit per entry beats
@@ -32,11 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+QAT_KINDS = ("int8", "int4")  # the codecs whose rounding QAT trains through (lowres.federated.qat)
 
 
 @dataclass(frozen=True)
 class Codec:
-    """A parsed codec string: ``kind`` is none/fp16/int8/topk/prune; ``fraction`` is what top-k keeps or what
+    """A parsed codec string: ``kind`` is none/fp16/int8/int4/topk/prune; ``fraction`` is what top-k keeps or what
     pruning drops (0..1); ``values`` is how sparse values travel (fp32/fp16/int8); ``per_channel`` for int8."""
 
     kind: str
@@ -53,6 +57,8 @@ class Codec:
             return self.kind
         if self.kind == "int8":
             return "int8" if self.per_channel else "int8t"
+        if self.kind == "int4":
+            return "int4"
         pct = f"{self.fraction * 100:g}"
         suffix = "" if self.values == ("fp16" if self.kind == "prune" else "fp32") else f"+{self.values}"
         return f"{self.kind}{pct}{suffix}"
@@ -62,13 +68,15 @@ _SPARSE = re.compile(r"^(topk|prune)(\d+(?:\.\d+)?)(?:\+(fp32|fp16|int8))?$")
 
 
 def parse_codec(text: str) -> Codec:
-    """``none`` · ``fp16`` · ``int8`` · ``int8t`` · ``topk10`` · ``topk10+int8`` · ``prune50``; ValueError naming
+    """``none`` · ``fp16`` · ``int8`` · ``int8t`` · ``int4`` · ``topk10`` · ``topk10+int8`` · ``prune50``; ValueError naming
     the accepted forms otherwise."""
     t = text.strip().lower()
     if t in ("none", "fp16"):
         return Codec(t)
     if t in ("int8", "int8t"):
         return Codec("int8", per_channel=t == "int8")
+    if t == "int4":
+        return Codec("int4")
     m = _SPARSE.match(t)
     if m:
         pct = float(m.group(2))
@@ -76,7 +84,7 @@ def parse_codec(text: str) -> Codec:
             raise ValueError(f"codec {text!r}: the percentage must be between 0 and 100 (exclusive)")
         kind = m.group(1)
         return Codec(kind, pct / 100, m.group(3) or ("fp16" if kind == "prune" else "fp32"))
-    raise ValueError(f"unknown codec {text!r}; use none, fp16, int8 (per channel), int8t (per tensor), "
+    raise ValueError(f"unknown codec {text!r}; use none, fp16, int8 (per channel), int8t (per tensor), int4, "
                      "topk<percent>[+fp16|+int8] (e.g. topk10+int8) or prune<percent> (e.g. prune50)")
 
 
@@ -90,17 +98,46 @@ def channel_axis(shape: tuple[int, ...]) -> int | None:
     return 0 if shape[0] <= shape[1] else 1
 
 
-def _quantize_int8(x: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8: (q, scale) with ``x ≈ q · scale``; per channel: one scale per slice (``channel_axis``)."""
+def _quantize_int8(x: np.ndarray, per_channel: bool, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8: (q, scale) with ``x ≈ q · scale``; per channel: one scale per slice (``channel_axis``).
+    ``levels`` 7: the int4 grid (q in −7..7, still held in int8 until packed)."""
     axis = channel_axis(x.shape) if per_channel else None
     if axis is None:
         peak = np.array([np.abs(x).max() if x.size else 0.0])
     else:
         peak = np.abs(x).max(axis=1 - axis)
-    scale = (peak / 127.0).astype(np.float32)
+    scale = (peak / float(levels)).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)  # an all-zero slice: any scale decodes to zeros
-    q = np.clip(np.rint(x / _broadcast(safe, axis)), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(x / _broadcast(safe, axis)), -levels, levels).astype(np.int8)
     return q, scale
+
+
+def _pack4(q: np.ndarray) -> np.ndarray:
+    """int8 values in −7..7 → bytes holding two of them (q + 8, low nibble first)."""
+    u = (q.astype(np.int16) + 8).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(8))
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+
+
+def _unpack4(packed: np.ndarray, count: int) -> np.ndarray:
+    u = np.empty(packed.size * 2, np.int16)
+    u[0::2], u[1::2] = packed & 0x0F, packed >> 4
+    return (u[:count] - 8).astype(np.int8)
+
+
+def quantize(x: np.ndarray, codec: "Codec | str") -> np.ndarray:
+    """``decode(encode({x}))`` of a dense codec without the wire: what the receiver gets for ``x``."""
+    codec = parse_codec(codec) if isinstance(codec, str) else codec
+    x = np.asarray(x, dtype=np.float32)
+    if codec.kind == "none":
+        return x
+    if codec.kind == "fp16":
+        return x.astype(np.float16).astype(np.float32)
+    if codec.kind in ("int8", "int4"):
+        q, s = _quantize_int8(x, codec.per_channel, 7 if codec.kind == "int4" else 127)
+        return _dequantize_int8(q, s, codec.per_channel)
+    raise ValueError(f"quantize: {codec} is not a dense codec (none, fp16, int8, int8t, int4)")
 
 
 def _broadcast(scale: np.ndarray, axis: int | None) -> np.ndarray | np.floating:
@@ -212,6 +249,10 @@ def encode(tensors: dict[str, np.ndarray], codec: Codec | str) -> dict[str, np.n
         return {**out, "i8": np.concatenate([q.reshape(-1) for q, _ in pairs]) if pairs else np.zeros(0, np.int8),
                 "scale": np.concatenate([s for _, s in pairs]) if pairs else np.zeros(0, np.float32),
                 "perchan": np.asarray([int(codec.per_channel)], np.uint8)}
+    if codec.kind == "int4":
+        pairs = [_quantize_int8(x, True, 7) for x in xs.values()]
+        q = np.concatenate([q.reshape(-1) for q, _ in pairs]) if pairs else np.zeros(0, np.int8)
+        return {**out, "i4": _pack4(q), "scale": np.concatenate([s for _, s in pairs]) if pairs else np.zeros(0, np.float32)}
     if codec.kind == "topk":
         idxs, vals = [], []
         for flat in flats:
@@ -271,6 +312,16 @@ def decode(parts: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]] | 
     if max_elements is not None and total > max_elements:
         raise ValueError(f"wire header claims {total} elements, more than the {max_elements} allowed")
     bounds = np.cumsum(sizes)[:-1] if sizes else []
+    if "i4" in parts:
+        q = _unpack4(_need(parts, "i4", "uint8", (total + 1) // 2), total)
+        axes = [channel_axis(s) for _, s in header]
+        nscales = [1 if ax is None else s[ax] for ax, (_, s) in zip(axes, header)]
+        scales = _need(parts, "scale", "float32", sum(nscales))
+        out, si = {}, 0
+        for (n, s), b, ns in zip(header, np.split(q, bounds), nscales):
+            out[n] = _dequantize_int8(b.reshape(s), scales[si:si + ns], True)
+            si += ns
+        return out
     if "f32" in parts or "f16" in parts or "i8" in parts:
         key, dtype = next((k, d) for k, d in (("f32", "float32"), ("f16", "float16"), ("i8", "int8")) if k in parts)
         flat = _need(parts, key, dtype, total)

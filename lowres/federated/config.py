@@ -37,14 +37,59 @@ class CompressionConfig(_Section):
     up: str = Field("none", description="codec of client→server updates: none, fp16, int8, int8t, topk<P>[+int8], prune<P>")
     down: str = Field("none", description="codec of server→client weights (dense codecs only: none, fp16, int8, int8t)")
     error_feedback: bool = Field(False, description="carry what a lossy uplink codec dropped into the next round")
+    qat: bool = Field(False, description="quantization-aware training: a client whose uplink is int8/int8t/int4 "
+                      "trains through that rounding (straight-through estimator), so its update loses less; "
+                      "clients with other codecs train as without it")
+    per_client: dict[str, str] = Field(default_factory=dict, description="client name → its own uplink codec, "
+                                       "e.g. {client-02: topk15+int8} (a client on a slow link)")
+    slow_up: str | None = Field(None, description="uplink codec of the clients measured slower than "
+                                "slow_below_tokens_per_second in their last round (per_client names win)")
+    slow_below_tokens_per_second: float | None = Field(None, gt=0, description="the speed rule's threshold "
+                                                       "(tokens/s each client reports after a round)")
 
-    @field_validator("up", "down")
+    @field_validator("up", "down", "slow_up")
     @classmethod
-    def _known(cls, v: str) -> str:
+    def _known(cls, v: str | None) -> str | None:
         from lowres.federated.compression import parse_codec
 
-        parse_codec(v)
+        if v is not None:
+            parse_codec(v)
         return v
+
+    @field_validator("per_client")
+    @classmethod
+    def _known_each(cls, v: dict[str, str]) -> dict[str, str]:
+        from lowres.federated.compression import parse_codec
+
+        for name, codec in v.items():
+            try:
+                parse_codec(codec)
+            except ValueError as exc:
+                raise ValueError(f"per_client[{name}]: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _rule_and_qat(self) -> "CompressionConfig":
+        from lowres.federated.compression import QAT_KINDS, parse_codec
+
+        if (self.slow_up is None) != (self.slow_below_tokens_per_second is None):
+            raise ValueError("compression.slow_up and compression.slow_below_tokens_per_second go together "
+                             "(the codec and the speed below which a client uses it)")
+        used = [self.up, self.slow_up, *self.per_client.values()]
+        if self.qat and not any(c is not None and parse_codec(c).kind in QAT_KINDS for c in used):
+            raise ValueError(f"compression.qat trains through int8/int8t/int4 rounding, but no uplink codec is one "
+                             f"(up is {self.up!r}); set compression.up=int8 or int4, or qat: false")
+        return self
+
+    def uplink(self, client: str, figures: dict | None = None) -> str:
+        """The uplink codec of ``client``: its per_client entry, else slow_up when its last reported
+        tokens_per_second is below the threshold, else ``up``."""
+        if client in self.per_client:
+            return self.per_client[client]
+        speed = (figures or {}).get("tokens_per_second")
+        if self.slow_up is not None and speed is not None and speed < self.slow_below_tokens_per_second:
+            return self.slow_up
+        return self.up
 
     @field_validator("down")
     @classmethod

@@ -141,6 +141,7 @@ def train_config(fed: FedConfig, prep: Prepared, rnd: int) -> dict:
             "client_overrides": json.dumps({str(k): v for k, v in fed.client_overrides.items()}),
             "fed_dir": str(prep.fed_dir.resolve()), "tokenizer_dir": prep.tokenizer_dir or "",
             "codec_up": fed.compression.up, "error_feedback": fed.compression.error_feedback,
+            "qat": fed.compression.qat,
             "fedprox_mu": float(fed.strategy.fedprox_mu)}
 
 
@@ -194,7 +195,9 @@ def run_rounds(grid: Any, fed: FedConfig, prep: Prepared, monitor: Any, console:
         messages, sent, sent_rank = [], {}, {}
         for n in sample:
             sent_rank[n] = min(known[n]["rank"], max_rank)
-            content = _payload(tensors, sent_rank[n], fed.compression.down, config)
+            # this client's uplink codec: compression.per_client, the slow-client rule, else compression.up
+            own = {**config, "codec_up": fed.compression.uplink(known[n]["client"], known[n]["figures"])}
+            content = _payload(tensors, sent_rank[n], fed.compression.down, own)
             sent[n] = content_bytes(content)
             monitor.sent(known[n]["client"], sent[n])
             messages.append(_message(content, n, "TRAIN"))
