@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ablations", action="store_true", help="main rows and baselines only")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override an anomaly-config field for every teacher model")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for everything (teachers, scoring, "
+                    "student); 1 when two studies run side by side on 2 cores (default: the configs' own)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write every row and the summary here")
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.fewshot_rounds < 1:
@@ -83,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     from lowres.hardware import detect
 
     hw = detect()
+    threads = []
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        threads = [f"fed_overrides=[run.train.threads={args.threads}]"]
     print(f"anomaly_study: teachers {', '.join(names)}; seeds {args.seeds}; few-shot {args.fewshot_rounds} "
           f"round(s); CPU {hw.cpu.model} ({hw.tier}, fingerprint {hw.fingerprint}); load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
@@ -90,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, cfgs = [], {}
     with tempfile.TemporaryDirectory(prefix="anomaly-study-") as tmp:
         for name in names:
-            overrides = (QUICK[name] if args.quick else []) + args.overrides + [f"output_dir={tmp}/{name}",
-                                                                                "mlflow=false"]
+            overrides = ((QUICK[name] if args.quick else []) + threads + args.overrides
+                         + [f"output_dir={tmp}/{name}", "mlflow=false"])
             cfg = cfgs[name] = load_anomaly_config(REPO / CONFIGS[name], overrides)
             seeds = args.smollm2_seeds if name == "smollm2" and args.smollm2_seeds else args.seeds
             for seed in range(seeds):

@@ -106,14 +106,22 @@ def test_shipped_configs_validate(tmp_path):
 
 
 def test_a_rerun_in_the_same_folder_trains_afresh(run):
-    """The federation folders an earlier run left are replaced, not resumed (which would train no teacher)."""
+    """The federation folders an earlier run left are replaced, not resumed (which would train no teacher). The
+    rerun is few-shot (teacher_rounds=1): its teacher is the baseline federation's round-1 global, and its bytes
+    add that round's adapters to the scores and the student."""
     from lowres.anomaly.pipeline import load_anomaly_config, run_pipeline
 
     out, first = run
     said: list[str] = []
-    again = run_pipeline(load_anomaly_config(None, SMALL + [f"output_dir={out}"]), say=said.append)
+    again = run_pipeline(load_anomaly_config(None, SMALL + [f"output_dir={out}", "teacher_rounds=1"]),
+                         say=said.append)
     assert any("replacing" in s and "fedavg" in s for s in said)
     assert 0.0 <= again["f1_fedavg"] <= 1.0 and again["fedavg_bytes_per_client"] == first["fedavg_bytes_per_client"]
+    assert first["mode"] == "one-shot" and again["mode"] == "few-shot" and "f1_teacher" not in again
+    # one round both ways and the global down: about the baseline's whole bytes (1 round + final down)
+    assert again["method_bytes_before_per_client"] == pytest.approx(first["fedavg_bytes_per_client"], rel=0.01)
+    assert again["method_bytes_per_client"] > again["method_bytes_before_per_client"] > 0
+    assert 0.0 <= again["f1_fedavg_student"] <= 1.0 and again["fedavg_student_bytes_per_client"] > 0
 
 
 def test_the_mlflow_run_is_tagged_with_the_machine_and_goes_where_told(tmp_path):

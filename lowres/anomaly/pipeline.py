@@ -54,6 +54,8 @@ class AnomalyConfig(BaseModel):
     output_dir: str = "runs/anomaly/hdfs-tiny"
     fed_config: str | None = Field(None, description="the teachers' federation YAML (default "
                                    "configs/anomaly/teachers-fed.yaml)")
+    fed_overrides: list[str] = Field(default_factory=list, description="key=value overrides of the teachers' "
+                                     "federation config, e.g. [run.train.threads=1] for runs side by side")
     clients: int = Field(3, ge=1)
     teacher_steps: int = Field(150, ge=1, description="one-shot local steps per teacher")
     teacher_rounds: int = Field(0, ge=0, description="0: one-shot (each teacher trains alone); N: few-shot — N "
@@ -459,7 +461,8 @@ def fedavg_student_baseline(cfg: AnomalyConfig, data: dict, tokenizer: Any, size
 
 
 def _fed_extra(cfg: AnomalyConfig) -> list[str]:
-    return [f"run.data.max_length={cfg.max_length}", f"run.train.seed={cfg.seed}", f"partition.seed={cfg.seed}"]
+    return [f"run.data.max_length={cfg.max_length}", f"run.train.seed={cfg.seed}", f"partition.seed={cfg.seed}",
+            *cfg.fed_overrides]
 
 
 def prepare_run(cfg: AnomalyConfig, say=print) -> tuple[Path, dict]:
