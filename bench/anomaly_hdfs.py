@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbytes per client: method {r['method_bytes_up_per_client'] / 1e3:.1f} kB up (scores) + "
           f"{r['method_bytes_down_per_client'] / 1e3:.1f} kB down (student) = {r['method_bytes_per_client'] / 1e3:.1f} kB; "
           f"FedAvg {r['fedavg_bytes_up_per_client_round'] / 1e3:.1f} kB up + "
-          f"{r['fedavg_bytes_down_per_client_round'] / 1e3:.1f} kB down per round x {cfg.fedavg_rounds} = "
-          f"{r['fedavg_bytes_per_client'] / 1e3:.1f} kB -> ratio {r['comm_ratio']:.3f}")
+          f"{r['fedavg_bytes_down_per_client_round'] / 1e3:.1f} kB down per round x {cfg.fedavg_rounds}, + the final "
+          f"global down = {r['fedavg_bytes_per_client'] / 1e3:.1f} kB -> ratio {r['comm_ratio']:.3f}")
     print(f"inference per session: student {r['student_latency_s'] * 1e3:.2f} ms vs teacher "
           f"{r['teacher_latency_s'] * 1e3:.2f} ms -> ratio {r['latency_ratio']:.3f}; weights "
           f"{r['student_param_bytes'] / 1e6:.2f} MB vs {r['teacher_param_bytes'] / 1e6:.2f} MB; peak RSS rise "
