@@ -79,7 +79,7 @@ def _losses(tmp_path, name: str, steps: int = 3, **extra) -> list[float]:
 
 
 OPTIONS = [{"train.attention": "eager"}, {"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"},
-           {"train.loss_chunk_tokens": 0}, {"train.threads": 1}]
+           {"train.loss_chunk_tokens": 0}, {"train.threads": 1}, {"train.fused_lora": "true"}]
 
 
 def test_speed_options_keep_the_loss_curve(tmp_path):

@@ -8,6 +8,10 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
   cached on disk (``$LOWRES_CACHE_DIR/inductor``), so a second run of the same shapes compiles much faster.
 * ``attention``: ``sdpa`` (torch's scaled_dot_product_attention, a fused flash kernel on CPU) or ``eager``
   (the model's own matmul-softmax-matmul).
+* ``fused_lora``: each LoRA linear as two GEMMs, the second an ``addmm`` that adds ``scaling · (x A) Bᵀ`` onto
+  the frozen projection's output in one kernel — peft's own forward spends a multiply and an add over the whole
+  [tokens × out] output per LoRA layer (forward, and the multiply again backward). Falls back to peft's forward
+  for anything else (dropout, DoRA, several adapters, a quantized base, autocast, a disabled or merged adapter).
 * ``optimizer_impl``: torch AdamW ``fused`` (one kernel over all LoRA tensors), ``foreach`` (batched ops
   over the tensor list) or ``loop`` (one tensor at a time).
 """
@@ -49,11 +53,48 @@ def compile_decoder(model: Any) -> bool:
     return True
 
 
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """peft lora.Linear's forward for one plain adapter, as base GEMM + LoRA down-projection + one addmm."""
+    import torch
+    import torch.nn.functional as F
+
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in self.lora_variant or type(self.lora_dropout[name]) is not torch.nn.Identity
+            or type(self.base_layer) is not torch.nn.Linear or self.lora_B[name].bias is not None
+            or x.dtype != self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type)):
+        return self._lowres_peft_forward(x, *args, **kwargs)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = F.linear(x2, self.base_layer.weight, self.base_layer.bias)
+    down = F.linear(x2, self.lora_A[name].weight)
+    out = torch.addmm(out, down, self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def fuse_lora(model: Any) -> int:
+    """Give every peft LoRA Linear of ``model`` the fused forward; the number of layers changed."""
+    import types
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and not hasattr(module, "_lowres_peft_forward"):
+            module._lowres_peft_forward = module.forward
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
+
+
 def apply(model: Any, train_cfg: Any) -> dict:
-    """Apply ``train.attention`` and ``train.compile`` to a loaded model; what was done, for the run's info."""
+    """Apply ``train.attention``, ``train.fused_lora`` and ``train.compile`` to a loaded model (compile last:
+    it traces what the others set up); what was done, for the run's info."""
     set_attention(model, train_cfg.attention)
+    fused = fuse_lora(model) if getattr(train_cfg, "fused_lora", False) else 0
     compiled = compile_decoder(model) if train_cfg.compile else False
-    return {"attention": train_cfg.attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl}
+    return {"attention": train_cfg.attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl,
+            "fused_lora_layers": fused}
 
 
 def compile_seconds(step_seconds: list[float]) -> float | None:
