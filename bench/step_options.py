@@ -42,19 +42,22 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--set", action="append", default=[], metavar="A.B=C",
+                   help="lowres config for the baseline and every variant alike (e.g. train.threads=1)")
     args = p.parse_args()
     if not args.variant:
         p.error("give at least one --variant NAME:A.B=C")
     model = args.model or ("tiny" if args.quick else "SmolLM2-135M-Instruct")
     seq_len = args.seq_len or (64 if args.quick else 256)
-    variants = {"baseline": []}
+    variants = {"baseline": list(args.set)}
     for v in args.variant:
         name, _, sets = v.partition(":")
-        variants[name] = [s for s in sets.split(",") if s]
+        variants[name] = list(args.set) + [s for s in sets.split(",") if s]
 
     from lowres.hardware import usable_cpus
 
-    print(f"{model}, seq {seq_len} × batch {args.batch_size}, r={args.rank}, {args.precision}; load at start "
+    print(f"{model}, seq {seq_len} × batch {args.batch_size}, r={args.rank}, {args.precision} "
+          f"{' '.join(args.set)}; load at start "
           f"{harness.load_now()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lowres-ab-") as tmp:
         data = Path(tmp) / "corpus.txt"

@@ -65,7 +65,7 @@ def test_profile_cut_short_by_the_run_end_is_still_summarised(tmp_path):
         "tracking.mlflow": "false", "train.warmup_ignore_steps": 1})).config_hash()  # a trace changes no result
 
 
-def _losses(tmp_path, name: str, steps: int = 3, **extra) -> list[float]:
+def _losses(tmp_path, name: str, steps: int = 3, **extra) -> tuple[list[float], dict]:
     from lowres.train.recipe import Recipe
 
     data = write_corpus(tmp_path)
@@ -75,7 +75,7 @@ def _losses(tmp_path, name: str, steps: int = 3, **extra) -> list[float]:
         recipe.train(steps=steps)  # fewer than max_steps: no final eval or save, just the steps
     finally:
         recipe.cleanup()
-    return [r["loss"] for r in recipe.history]
+    return [r["loss"] for r in recipe.history], recipe.info
 
 
 OPTIONS = [{"train.attention": "eager"}, {"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"},
@@ -83,9 +83,12 @@ OPTIONS = [{"train.attention": "eager"}, {"train.optimizer_impl": "foreach"}, {"
 
 
 def test_speed_options_keep_the_loss_curve(tmp_path):
-    base = _losses(tmp_path, "base")
+    base, info = _losses(tmp_path, "base")
+    assert info["fused_lora_layers"] == 0 and info["attention"] == "sdpa" and not info["compiled"]
     assert base[-1] < base[0]  # the steps did train (a loss curve, not a constant)
     for i, option in enumerate(OPTIONS):
-        other = _losses(tmp_path, f"o{i}", **option)
+        other, info = _losses(tmp_path, f"o{i}", **option)
+        if "train.fused_lora" in option:
+            assert info["fused_lora_layers"] > 0  # the option did change the layers it claims to
         # the same tokens and seed: only float summation order may differ
         assert other == pytest.approx(base, rel=1e-4), option
