@@ -103,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfgs[name] = load_anomaly_config(REPO / CONFIGS[name], overrides)
             seeds = args.smollm2_seeds if name == "smollm2" and args.smollm2_seeds else args.seeds
             for seed in range(seeds):
-                for r in study_seed(cfg, seed, args.fewshot_rounds, not args.no_ablations,
-                                    say=lambda s: print(f"  [{time.perf_counter() - t0:6.0f} s] {name}: {s}",
-                                                        flush=True)):
-                    rows.append({**r, "teachers": name})
+                got = study_seed(cfg, seed, args.fewshot_rounds, not args.no_ablations,
+                                 say=lambda s: print(f"  [{time.perf_counter() - t0:6.0f} s] {name}: {s}", flush=True))
+                rows += [{**r, "teachers": name} for r in got]
+                print(f"  {name} seed {seed}: " + "; ".join(f"{r['row']} F1 {r['f1']:.3f}" for r in got), flush=True)
     table = summarise(rows)
 
     print("\n| teachers | row | mode | F1 (mean ± sd) | precision | recall | AUROC | bytes / client | "
