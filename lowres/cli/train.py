@@ -80,7 +80,8 @@ def train(
     data: path sample format text_field prompt_field response_field max_length packing eval_fraction
     max_examples tokenizer_vocab ·
     train: max_steps batch_size grad_accum lr warmup_steps min_lr_ratio weight_decay max_grad_norm optimizer
-    loss_chunk_tokens threads seed eval_every eval_batches warmup_ignore_steps max_bad_steps profile_steps ·
+    loss_chunk_tokens threads seed eval_every eval_batches warmup_ignore_steps max_bad_steps compile attention
+    optimizer_impl fused_lora profile_steps ·
     checkpoint: every keep ·
     tracking: mlflow mlflow_uri experiment run_name prometheus_port pushgateway jsonl profiler_interval
     profiler_mode
