@@ -112,3 +112,38 @@ def test_per_client_codecs_and_the_slow_client_rule(tmp_path):
     assert up[0][1] < 0.75 * up[0][0] and up[1][1] == up[1][0]
     # the server counted each client's own bytes
     assert sum(r["bytes_up"] for r in res.rounds) == sum(sum(v) for v in up.values())
+    # what `tune --fed-round-budget` predicts for such a reply is what crossed the wire (within the metrics' few bytes)
+    from lowres.advisor.fedbudget import message_bytes
+    from lowres.models import locate_weights
+
+    cfg = fed.run_config()
+    predicted = message_bytes(locate_weights(cfg.model).spec, 8, cfg.lora.targets, "int8", "int8")[1]
+    assert abs(up[0][0] - predicted) < 0.01 * predicted
+
+
+def test_round_budget_chooses_rank_and_codec_together_from_measured_bytes():
+    from lowres.advisor import fedbudget
+    from lowres.config import load_config
+    from lowres.models import locate_weights
+
+    cfg = load_config("configs/runs/tiny-cpu.yaml", [], use_env=False)
+    spec = locate_weights(cfg.model).spec
+    big, why = fedbudget.advise(spec, cfg, 50e6)
+    want = big.rank
+    assert (big.up, big.down, big.qat) == ("none", "none", False) and big.bytes_round <= 50e6 and "MB" in why[-2]
+    names = list(fedbudget.UPLINKS)
+    for share in (0.6, 0.3, 0.19):  # tiny at rank 8: fp16, int8, top-k 25 % + int8 (int4's round is 20.2 %)
+        budget = share * big.bytes_round
+        c, why = fedbudget.advise(spec, cfg, budget)
+        assert c.bytes_round <= budget and c.rank == want and c.up != "none"
+        # the least compressed codec that fits: the one before it in UPLINKS does not
+        before = names[names.index(c.up) - 1]
+        assert sum(fedbudget.message_bytes(spec, want, cfg.lora.targets, before, fedbudget.UPLINKS[before],
+                                           cfg.model_dump_json())) > budget
+        assert c.qat == (c.up == "int4") and f"compression.up={c.up}" in why[-1]
+    # below what the smallest codec needs at that rank: a lower rank
+    d, u = fedbudget.message_bytes(spec, want, cfg.lora.targets, "topk10+int8", "int8", cfg.model_dump_json())
+    low, _ = fedbudget.advise(spec, cfg, 0.9 * (d + u))
+    assert low.rank < want and low.bytes_round <= 0.9 * (d + u)
+    none, why = fedbudget.advise(spec, cfg, 1000)
+    assert none is None and "even rank 1" in why[-1]

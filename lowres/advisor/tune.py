@@ -75,7 +75,8 @@ def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = N
          time_budget_s: float | None = None) -> TuneResult:
     """Choose a RunConfig for ``cfg``'s model and data on this machine, write it to ``out``, and train with
     it unless ``dry_run``. ``rank`` None: advised from the data size and budget, or for a federated client
-    from ``round_bytes`` (adapter bytes it may move per round). ``time_budget_s``: tune and training together
+    from ``round_bytes`` (bytes it may move per round, both ways: rank and uplink codec chosen together from
+    measured message sizes, ``lowres.advisor.fedbudget``; the codec in ``result.extra["fed"]`` and the reasons). ``time_budget_s``: tune and training together
     should end within it — max_steps is cut to what the chosen setup's measured step time allows."""
     from lowres.hardware import detect
     from lowres.models import locate_weights
@@ -99,10 +100,15 @@ def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = N
     reasons = [f"machine {hw.tier} ({hw.fingerprint}): budget {budget / GIB:.2f} GiB, {headroom:.0%} kept free; "
                f"roofline fp32 {roofline.fp32_flops / 1e9:.0f} GFLOP/s, bf16 {bf16}; "
                f"calibration: {calibration.source}"]
+    fed_choice = None
     if rank is None and round_bytes:
-        rank, why = advice.federated_rank(spec, round_bytes, _targets_name(cfg))
-        if rank is None:
-            raise UsageError(why[0])
+        # rank and codec together, from the serialised bytes of a round's messages (lowres.advisor.fedbudget)
+        from lowres.advisor import fedbudget
+
+        fed_choice, why = fedbudget.advise(spec, cfg, round_bytes)
+        if fed_choice is None:
+            raise UsageError(why[-1])
+        rank = fed_choice.rank
         reasons += why
     if rank is None:
         rank, why = advice.rank_for_data(spec, advice.data_bytes(cfg.data), _targets_name(cfg))
@@ -151,6 +157,10 @@ def tune(cfg: Any, *, objective: str = "fastest", budget_bytes: float | None = N
         _end(parent, "FINISHED")
     result = TuneResult(chosen, choice, text, None if out is None else str(out), seconds, reasons,
                         parent.run_id if parent else None, hardware=hw)
+    if fed_choice is not None:  # what the federation config should say for this client
+        result.extra["fed"] = {"rank": fed_choice.rank, "up": fed_choice.up, "down": fed_choice.down,
+                               "qat": fed_choice.qat, "bytes_down": fed_choice.bytes_down,
+                               "bytes_up": fed_choice.bytes_up, "overrides": fed_choice.overrides()}
     if not dry_run:
         from lowres.train import run
 

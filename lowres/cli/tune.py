@@ -51,8 +51,11 @@ def tune(
                                                         "(kept through grad accumulation).")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence.")] = None,
     rank: Annotated[int | None, typer.Option("--rank", "-r", help="LoRA rank (default: advised from the data).")] = None,
-    round_budget: Annotated[str | None, typer.Option("--fed-round-budget", help="Federated client: adapter bytes "
-                                                     "per round (down + up), e.g. 5MB; sets the rank.")] = None,
+    round_budget: Annotated[str | None, typer.Option("--fed-round-budget", help="Federated client: bytes per "
+                                                     "round (down + up), e.g. 5MB; chooses the LoRA rank and the "
+                                                     "codec together from measured message sizes (the rank the data "
+                                                     "warrants with the least compressed codec that fits) and prints "
+                                                     "the federation config lines.")] = None,
     headroom: Annotated[float, typer.Option("--headroom", help="Fraction of the budget kept free.")] = 0.10,
     time_budget: Annotated[str, typer.Option("--time-budget", metavar="DURATION", help="Tune and train together "
                                              "within this (e.g. 5m, 300s, 1h; 0 = no limit): optional probes stop "
