@@ -265,6 +265,16 @@ def oneshot_scores(cfg: AnomalyConfig, data: dict, out: Path, say=print) -> tupl
     return TeacherScores("one-shot", 0, public, calib, float(np.mean(up)), 0.0, seconds, teachers[0].tokenizer), teachers
 
 
+def teacher_detection(cfg: AnomalyConfig, data: dict, ts: TeacherScores, teacher) -> dict[str, float]:
+    """Client 0's one-shot teacher used directly as a detector: its threshold set on its own held-out normal
+    share (already scored in ``ts``), the test sessions scored. F1, precision, recall, AUROC and threshold."""
+    thr = threshold_from_normal(normality(ts.calib[0], cfg.score), cfg.threshold_quantile)
+    score = normality(score_sessions(teacher, data["test"], window=cfg.score_length), cfg.score)
+    f1, precision, recall = prf(data["test_y"], score < thr)
+    return {"f1": f1, "precision": precision, "recall": recall, "auroc": auroc(data["test_y"], score),
+            "threshold": thr}
+
+
 def _per_client_round_bytes(rounds: list[dict], n: int | None = None) -> float:
     """Adapter bytes both ways per client over the first ``n`` rounds (all by default), exact wire bytes."""
     return float(sum(x["bytes_up"] / max(x["clients_replied"], 1) + x["bytes_down"] / max(x["clients_sampled"], 1)
@@ -498,12 +508,9 @@ def run_pipeline(cfg: AnomalyConfig, say=print) -> dict[str, Any]:
         say(f"[1/{n_steps}] teachers: one-shot, scores up ...")
         ts, teachers = oneshot_scores(cfg, data, out, say)
         r["teachers_seconds"] = ts.seconds
-        # f1_teacher: client 0's one-shot teacher used directly, its threshold set on its held-out normal share
         say(f"      teacher 1 as a detector on the {len(data['test'])} test sessions ...")
-        thr = threshold_from_normal(normality(ts.calib[0], cfg.score), cfg.threshold_quantile)
-        score = normality(score_sessions(teachers[0], data["test"], window=cfg.score_length), cfg.score)
-        r["f1_teacher"], r["precision_teacher"], r["recall_teacher"] = prf(data["test_y"], score < thr)
-        r["auroc_teacher"], r["teacher_threshold"] = auroc(data["test_y"], score), thr
+        r.update({f"{k}_teacher" if k != "threshold" else "teacher_threshold": v
+                  for k, v in teacher_detection(cfg, data, ts, teachers[0]).items()})
         del teachers
     say(f"[{1 if not oneshot else 2}/{n_steps}] FedAvg over the teachers: {cfg.fedavg_rounds} rounds x "
         f"{cfg.fedavg_local_steps} local steps, its global teacher as the baseline's detector ...")

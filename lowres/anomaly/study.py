@@ -56,8 +56,9 @@ def study_seed(cfg: AnomalyConfig, seed: int, fewshot_rounds: int = 1, ablations
     """Every row of the study for one seed: a dict with ``row``, ``mode`` and its figures (F1, precision,
     recall, AUROC, bytes per client, latency per session where measured)."""
     from lowres.anomaly.pipeline import (Variant, fedavg_student_baseline, fedavg_teacher_baseline, fewshot_scores,
-                                         measure_inference, oneshot_scores, prepare_run, train_student_on)
-    from lowres.anomaly.scoring import auroc, normality, prf, score_sessions, threshold_from_normal
+                                         measure_inference, oneshot_scores, prepare_run, teacher_detection,
+                                         train_student_on)
+    from lowres.anomaly.scoring import score_sessions
     from lowres.anomaly.student import predict_proba
     from lowres.federated.client import clear_cache
 
@@ -68,17 +69,16 @@ def study_seed(cfg: AnomalyConfig, seed: int, fewshot_rounds: int = 1, ablations
     rows: list[dict[str, Any]] = []
     say(f"seed {seed}: one-shot teachers ...")
     ts1, teachers = oneshot_scores(cfg, data, out, say)
-    thr = threshold_from_normal(normality(ts1.calib[0], cfg.score), cfg.threshold_quantile)
-    score = normality(score_sessions(teachers[0], data["test"], window=cfg.score_length), cfg.score)
-    f1, p, rc = prf(data["test_y"], score < thr)
-    rows.append({"row": "one-shot teacher + threshold", "mode": "one-shot", "f1": f1, "precision": p, "recall": rc,
-                 "auroc": auroc(data["test_y"], score), "bytes_per_client": 0.0})
+    d = teacher_detection(cfg, data, ts1, teachers[0])
+    rows.append({"row": "one-shot teacher + threshold", "mode": "one-shot", "detector": "teacher", "f1": d["f1"],
+                 "precision": d["precision"], "recall": d["recall"], "auroc": d["auroc"], "bytes_per_client": 0.0})
     del teachers
     clear_cache()
     say(f"seed {seed}: FedAvg over the teachers, {cfg.fedavg_rounds} rounds ...")
     base = fedavg_teacher_baseline(cfg, data, out, say=say)
     b = base.figures
-    fedavg_row = {"row": f"FedAvg teachers ({cfg.fedavg_rounds} round{'s' if cfg.fedavg_rounds > 1 else ''}) + threshold",
+    fedavg_row = {"detector": "teacher",
+                  "row": f"FedAvg teachers ({cfg.fedavg_rounds} round{'s' if cfg.fedavg_rounds > 1 else ''}) + threshold",
                   "mode": "baseline",
                   "f1": b["f1_fedavg"], "precision": b["precision_fedavg"], "recall": b["recall_fedavg"],
                   "auroc": b["auroc_fedavg"], "bytes_per_client": b["fedavg_bytes_per_client"],
@@ -91,7 +91,8 @@ def study_seed(cfg: AnomalyConfig, seed: int, fewshot_rounds: int = 1, ablations
         say(f"seed {seed}: student — {name} ...")
         student, fig = train_student_on(cfg, data, ts, Variant.of(cfg, **changes),
                                         save_to=out / "student" if save else None)
-        rows.append({"row": name, "mode": mode, "f1": fig["f1_student"], "precision": fig["precision_student"],
+        rows.append({"row": name, "mode": mode, "detector": "student", "f1": fig["f1_student"],
+                     "precision": fig["precision_student"],
                      "recall": fig["recall_student"], "auroc": fig["auroc_student"],
                      "f1_novel": fig["f1_student_novel"], "bytes_per_client": fig["method_bytes_per_client"],
                      "pseudo_normal_purity": fig["pseudo_normal_purity"],
@@ -120,11 +121,9 @@ def study_seed(cfg: AnomalyConfig, seed: int, fewshot_rounds: int = 1, ablations
     teacher = base.teachers[0]
     teach = measure_inference(lambda x: score_sessions(teacher, x, batch_size=1, window=cfg.score_length), sample)
     stud = measure_inference(lambda x: predict_proba(main, x, batch_size=1), sample)
-    for r in rows:
-        if r["row"].startswith("student") or r["row"].startswith(("aggregate", "score", "k x", "no filtering")):
-            r["latency_s"] = stud["latency_s"]
-        elif "teacher" in r["row"]:
-            r["latency_s"] = teach["latency_s"]
+    for r in rows:  # the trained students share one size, the teachers too (the supervised baseline: not timed)
+        if r.get("detector"):
+            r["latency_s"] = (stud if r["detector"] == "student" else teach)["latency_s"]
     clear_cache()
     for r in rows:
         r["seed"] = seed
