@@ -160,13 +160,20 @@ def _federations_page(uri: str, monkeypatch):
     return at
 
 
-def _wait_for_round(log: Path, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Until the server says round 1 is done (it prints that after logging the round to MLflow). Its log, not
-    the store, is polled: opening the SQLite store while the server creates it would race its schema set-up."""
-    deadline = time.time() + timeout_s
-    while "round 1/" not in log.read_text():
+def _wait_for_round(uri: str, log: Path, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until round 1's figures are in the store. The server's MLflow writes go out on a background writer, so
+    its "round 1/" line can come before them; the store is polled (its schema exists already, made by the
+    ``store`` fixture, so reading it cannot race the server's set-up)."""
+    from lowres.tracking.runs import client
+
+    c, deadline = client(uri), time.time() + timeout_s
+    while True:
         assert proc.poll() is None, f"`lowres fed run` exited with {proc.returncode}:\n{log.read_text()[-2000:]}"
         assert time.time() < deadline, f"no round logged within {timeout_s} s:\n{log.read_text()[-2000:]}"
+        exp = c.get_experiment_by_name("lowres-fed")
+        runs = c.search_runs([exp.experiment_id], "tags.`lowres.command` = 'fed'") if exp else []
+        if runs and "fed/round_seconds" in runs[0].data.metrics:
+            return
         time.sleep(0.5)
 
 
@@ -185,7 +192,7 @@ def test_a_server_killed_mid_run_is_crashed_on_the_cli_and_the_page(store, tmp_p
     server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
                               start_new_session=True)
     try:
-        _wait_for_round(log, server, timeout_s=240)
+        _wait_for_round(uri, log, server, timeout_s=240)
         server.send_signal(signal.SIGKILL)  # the federation server dies mid-run: no end marker, no close
         server.wait(timeout=30)
     finally:
