@@ -13,6 +13,11 @@ Latency: median per session, one at a time, the FedAvg teacher vs the student, i
     python bench/anomaly_study.py                       # tiny (3 seeds) and SmolLM2-135M teachers
     python bench/anomaly_study.py --teachers tiny --seeds 5 --no-ablations
 
+Seeds can run in separate processes (one core each) and be summarised together:
+
+    python bench/anomaly_study.py --teachers smollm2 --seed-list 1 --threads 1 --json s1.json   # one per seed
+    python bench/anomaly_study.py --merge s0.json --merge s1.json --merge s2.json              # runs nothing
+
 Prints the table (row × teacher model × mode: F1 mean ± sd over seeds, bytes per client, latency per session),
 Table 1 (bytes per message per model beside the reference's) and ends with ``RESULT f1_oneshot=…
 f1_fewshot=… f1_fedavg_student=… comm_reduction_pct=… latency_reduction_pct=… seeds=…`` (the first teacher
@@ -64,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                     "tiny with --quick)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per teacher model (default 3)")
     ap.add_argument("--smollm2-seeds", type=int, default=None, help="seeds for SmolLM2 teachers (default: --seeds)")
+    ap.add_argument("--seed-list", default=None, metavar="S,S,...",
+                    help="run exactly these seeds (e.g. 1 or 0,2) instead of 0 .. --seeds-1, for every teacher model")
+    ap.add_argument("--merge", action="append", default=[], metavar="FILE.json",
+                    help="summarise the rows of earlier --json outputs (repeatable) instead of running anything")
     ap.add_argument("--fewshot-rounds", type=int, default=1, help="FedAvg rounds before few-shot scoring (default 1)")
     ap.add_argument("--no-ablations", action="store_true", help="main rows and baselines only")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -74,7 +83,35 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.fewshot_rounds < 1:
         ap.error(f"--seeds and --fewshot-rounds must be >= 1 (got {args.seeds} and {args.fewshot_rounds})")
+    seed_list = None
+    if args.seed_list is not None:
+        try:
+            seed_list = [int(x) for x in args.seed_list.split(",") if x.strip()]
+        except ValueError:
+            ap.error(f"--seed-list: {args.seed_list!r} is not a comma-separated list of integers (e.g. 0,2)")
+        if not seed_list or min(seed_list) < 0 or len(set(seed_list)) != len(seed_list):
+            ap.error(f"--seed-list: {args.seed_list!r}: give distinct seeds >= 0 (e.g. 0,2)")
+    merged, merged_cfgs = [], {}
+    for f in args.merge:
+        try:
+            d = json.loads(Path(f).read_text())
+            merged += d["rows"]
+            merged_cfgs.update(d.get("configs", {}))
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--merge {f}: not an anomaly_study --json output ({type(e).__name__}: {e})")
+    if args.merge:
+        seen = {}
+        for r in merged:
+            key = (r["teachers"], r["row"], r["seed"])
+            if key in seen:
+                ap.error(f"--merge: {r['teachers']} seed {r['seed']} row {r['row']!r} appears twice; merge each seed once")
+            seen[key] = r
+        missing = {r["teachers"] for r in merged} - set(merged_cfgs)
+        if missing:
+            ap.error(f"--merge: no configs recorded for {sorted(missing)} (JSON from an older bench); rerun those seeds")
     names = [t.strip() for t in (args.teachers or ("tiny" if args.quick else "tiny,smollm2")).split(",") if t.strip()]
+    if args.merge:
+        names = list(dict.fromkeys(r["teachers"] for r in merged))
     bad = [t for t in names if t not in CONFIGS]
     if bad:
         ap.error(f"--teachers: unknown {bad}; use tiny and/or smollm2")
@@ -95,18 +132,19 @@ def main(argv: list[str] | None = None) -> int:
           f"round(s); CPU {hw.cpu.model} ({hw.tier}, fingerprint {hw.fingerprint}); load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     t0 = time.perf_counter()
-    rows, cfgs = [], {}
+    rows, cfgs = list(merged), {}
     with tempfile.TemporaryDirectory(prefix="anomaly-study-") as tmp:
-        for name in names:
+        for name in ([] if args.merge else names):
             overrides = ((QUICK[name] if args.quick else []) + threads + args.overrides
                          + [f"output_dir={tmp}/{name}", "mlflow=false"])
             cfg = cfgs[name] = load_anomaly_config(REPO / CONFIGS[name], overrides)
             seeds = args.smollm2_seeds if name == "smollm2" and args.smollm2_seeds else args.seeds
-            for seed in range(seeds):
+            for seed in (seed_list if seed_list is not None else range(seeds)):
                 got = study_seed(cfg, seed, args.fewshot_rounds, not args.no_ablations,
                                  say=lambda s: print(f"  [{time.perf_counter() - t0:6.0f} s] {name}: {s}", flush=True))
                 rows += [{**r, "teachers": name} for r in got]
                 print(f"  {name} seed {seed}: " + "; ".join(f"{r['row']} F1 {r['f1']:.3f}" for r in got), flush=True)
+    cfg_info = {n: {"n_public": c.n_public, "student_size": c.student_size} for n, c in cfgs.items()} or merged_cfgs
     table = summarise(rows)
 
     print("\n| teachers | row | mode | F1 (mean ± sd) | precision | recall | AUROC | bytes / client | "
@@ -132,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{REFERENCE['message_mb']['FedAvg-135M']} MB (FedAvg-135M) |")
     print(f"| FedAvg round, 1.7B teacher | — (not run here) | {REFERENCE['message_mb']['FedAvg-1.7B']} MB |")
     for n in names:
-        cfg = cfgs[n]
-        print(f"| scores up, {cfg.n_public} public sessions ({n} teachers) | {_kb(score_up[n])} | "
+        cfg = cfg_info[n]
+        print(f"| scores up, {cfg['n_public']} public sessions ({n} teachers) | {_kb(score_up[n])} | "
               f"{REFERENCE['message_mb']['student score upload']} MB |")
-        print(f"| student down (adapter + head, {cfg.student_size}, {n} tokenizer) | {_kb(student_down[n])} | — |")
+        print(f"| student down (adapter + head, {cfg['student_size']}, {n} tokenizer) | {_kb(student_down[n])} | — |")
 
     result, keys = {}, []
     for i, n in enumerate(names):
@@ -166,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.getloadavg()[0]:.1f}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"rows": rows, "summary": table, "message_sizes": measured,
-                                                   "result": result, "cpu": hw.cpu.model, "tier": hw.tier},
+                                                   "result": result, "cpu": hw.cpu.model, "tier": hw.tier,
+                                                   "configs": cfg_info},
                                                   indent=1, default=float))
     core = ("f1_oneshot", "f1_fewshot", "f1_fedavg_student", "comm_reduction_pct", "latency_reduction_pct")
     line = " ".join(f"{k}={result[k]:.4f}" if "pct" not in k else f"{k}={result[k]:.1f}" for k in core)
