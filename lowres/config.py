@@ -101,6 +101,10 @@ class TrainConfig(_Section):
     optimizer_impl: Literal["fused", "foreach", "loop"] = Field("fused", description="AdamW implementation")
     fused_lora: bool = Field(False, description="LoRA linears as base GEMM + one addmm (no separate scale and "
                              "add over the output); see lowres.train.speed")
+    gemm: Literal["torch", "onednn"] = Field("torch", description="the frozen base projections' and LM head's "
+                                             "fp32 GEMMs: torch (its BLAS, MKL) or onednn (oneDNN's JIT kernels, "
+                                             "forward and input gradient); onednn implies fused_lora's LoRA forward; "
+                                             "see lowres.train.speed")
     profile_steps: int = Field(0, ge=0, description="optimizer steps traced by torch.profiler right after the "
                                "warm-up steps: torch_trace.json.gz and op_profile.json (time by op family) in "
                                "output_dir; 0 = none")
@@ -157,7 +161,7 @@ class RunConfig(_Section):
         d["train"].pop("max_bad_steps", None)  # a guard: it changes no result of a run that trains
         d["train"].pop("profile_steps", None)  # a trace of a few steps: it changes no result either
         for key, default in (("compile", False), ("attention", "sdpa"), ("optimizer_impl", "fused"),
-                             ("fused_lora", False)):
+                             ("fused_lora", False), ("gemm", "torch")):
             if d["train"].get(key) == default:  # speed options at their defaults: older runs' hashes hold
                 d["train"].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

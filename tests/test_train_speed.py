@@ -79,7 +79,8 @@ def _losses(tmp_path, name: str, steps: int = 3, **extra) -> tuple[list[float], 
 
 
 OPTIONS = [{"train.attention": "eager"}, {"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"},
-           {"train.loss_chunk_tokens": 0}, {"train.threads": 1}, {"train.fused_lora": "true"}]
+           {"train.loss_chunk_tokens": 0}, {"train.threads": 1}, {"train.fused_lora": "true"},
+           {"train.gemm": "onednn"}]
 
 
 def test_speed_options_keep_the_loss_curve(tmp_path):
@@ -88,7 +89,42 @@ def test_speed_options_keep_the_loss_curve(tmp_path):
     assert base[-1] < base[0]  # the steps did train (a loss curve, not a constant)
     for i, option in enumerate(OPTIONS):
         other, info = _losses(tmp_path, f"o{i}", **option)
-        if "train.fused_lora" in option:
+        if "train.fused_lora" in option or "train.gemm" in option:
             assert info["fused_lora_layers"] > 0  # the option did change the layers it claims to
         # the same tokens and seed: only float summation order may differ
         assert other == pytest.approx(base, rel=1e-4), option
+
+
+def test_onednn_frozen_linear_and_head_match_torch_values_and_gradients():
+    """train.gemm=onednn: the frozen projection and the chunked LM head give torch's outputs and input
+    gradients (another summation order only), and fall back to torch's own where they do not apply."""
+    import torch
+
+    from lowres.train.loss import chunked_lm_loss
+    from lowres.train.speed import frozen_linear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    x = torch.randn(10, 32, generator=g, requires_grad=True)
+    for bias in (None, b):
+        ours = frozen_linear(x, w, bias, "onednn")
+        ref = torch.nn.functional.linear(x, w, bias)
+        assert ours.grad_fn is not None and type(ours.grad_fn).__name__ != type(ref.grad_fn).__name__
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
+        up = torch.randn(ref.shape, generator=g)
+        (gx,) = torch.autograd.grad(ours, x, up)
+        (rx,) = torch.autograd.grad(ref, x, up)
+        assert torch.allclose(gx, rx, rtol=1e-5, atol=1e-5)
+    trainable = w.clone().requires_grad_(True)  # a weight that trains is not "frozen": torch's own GEMM
+    assert type(frozen_linear(x, trainable, None, "onednn").grad_fn).__name__ == "MmBackward0"
+    hidden = torch.randn(2, 12, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 48, (2, 12), generator=g)
+    labels[0, :5] = -100
+    losses, grads = [], []
+    for gemm in ("torch", "onednn"):
+        loss = chunked_lm_loss(hidden, w, labels, None, chunk_tokens=7, gemm=gemm)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, hidden)[0])
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5) and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -40,7 +40,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Forward computes loss and gradients chunk by chunk; backward scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, gemm="torch"):
         h2 = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1)
         want_w = weight.requires_grad
@@ -48,6 +48,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(h2) if hidden.requires_grad else None
         # Weight gradients accumulate in fp32: many chunks add up, and bf16 sums lose bits.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        head_gemm, input_grad = F.linear, torch.matmul
+        if gemm == "onednn" and not want_w and not want_b and weight.dtype == torch.float32 \
+                and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            def head_gemm(h, w, b):  # noqa: E306 — oneDNN's fp32 GEMM (lowres.train.speed, train.gemm)
+                return torch.ops.mkldnn._linear_pointwise(h.contiguous(), w, b, "none", [], "")
+
+            def input_grad(g, w):  # noqa: E306
+                return torch.ops.mkldnn._linear_pointwise(g.contiguous(), w.t(), None, "none", [], "")
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, h2.shape[0], chunk_tokens):
@@ -55,7 +63,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             keep = yc != IGNORE_INDEX
             if not bool(keep.any()):
                 continue  # no targets here: zero loss, zero gradient
-            logits = F.linear(hc, weight, bias).float()
+            logits = head_gemm(hc, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             safe_y = yc.clamp_min(0)
             target = logits.gather(1, safe_y[:, None]).squeeze(1)
@@ -66,7 +74,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs.mul_(keep[:, None])
             g = probs.to(hc.dtype)
             if grad_h is not None:
-                grad_h[start:start + chunk_tokens] = (g @ weight).to(grad_h.dtype)
+                grad_h[start:start + chunk_tokens] = input_grad(g, weight).to(grad_h.dtype)
             if grad_w is not None:
                 grad_w.addmm_(probs.t(), hc.float())
             if grad_b is not None:
@@ -83,11 +91,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gh = None if grad_h is None else (grad_h * grad_out.to(grad_h.dtype)).reshape(ctx.shape)
         gw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[0])
         gb = None if grad_b is None else (grad_b * grad_out).to(ctx.dtypes[1])
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    bias: torch.Tensor | None = None, chunk_tokens: int = 1024) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, chunk_tokens: int = 1024, gemm: str = "torch") -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against shifted ``labels``, in token chunks.
 
     ``hidden`` [..., h] in the compute dtype, ``weight`` [V, h], ``labels`` [...] with -100 for no target.
@@ -96,7 +104,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """
     if chunk_tokens <= 0:
         return plain_lm_loss(hidden, weight, labels, bias)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, int(chunk_tokens))
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, int(chunk_tokens), gemm)
 
 
 def _head_and_decoder(model):
@@ -111,7 +119,7 @@ def _head_and_decoder(model):
     return decoder, head
 
 
-def causal_lm_loss(model, batch: dict, chunk_tokens: int) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(model, batch: dict, chunk_tokens: int, gemm: str = "torch") -> tuple[torch.Tensor, int]:
     """(summed next-token loss, number of label tokens) of one batch through a causal LM.
 
     The decoder runs as usual; the LM head and cross-entropy run through ``chunked_lm_loss`` so the
@@ -126,7 +134,7 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int) -> tuple[torch.Tensor,
                                ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, n_tokens
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
-    return chunked_lm_loss(hidden, head.weight, labels, head.bias, chunk_tokens), n_tokens
+    return chunked_lm_loss(hidden, head.weight, labels, head.bias, chunk_tokens, gemm), n_tokens
 
 
 @torch.no_grad()

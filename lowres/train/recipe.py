@@ -364,7 +364,7 @@ class Recipe:
         loss_sum = 0.0
         for batch in micro:
             with timer("forward"), autocast_context(self.precision, self.device):
-                loss, _ = causal_lm_loss(self.model, batch, cfg.loss_chunk_tokens)
+                loss, _ = causal_lm_loss(self.model, batch, cfg.loss_chunk_tokens, cfg.gemm)
                 loss = loss / max(1, n_label)
             with timer("backward"):
                 loss.backward()

@@ -12,6 +12,12 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
   the frozen projection's output in one kernel — peft's own forward spends a multiply and an add over the whole
   [tokens × out] output per LoRA layer (forward, and the multiply again backward). Falls back to peft's forward
   for anything else (dropout, DoRA, several adapters, a quantized base, autocast, a disabled or merged adapter).
+* ``gemm``: ``onednn`` runs the frozen fp32 GEMMs — each LoRA layer's base projection and the LM head, forward
+  and the input gradient backward — through oneDNN's JIT kernels (``torch.ops.mkldnn._linear_pointwise``, on
+  the weights as they are: no packed copy, no extra memory) instead of torch's BLAS (MKL's sgemm, which on
+  some CPUs — AMD's among them — takes a slower generic path). Same products, another summation order. Only
+  for fp32 tensors outside autocast (under bf16 autocast torch already calls oneDNN); anything else runs as
+  before. Implies ``fused_lora``'s forward for the LoRA layers.
 * ``optimizer_impl``: torch AdamW ``fused`` (one kernel over all LoRA tensors), ``foreach`` (batched ops
   over the tensor list) or ``loop`` (one tensor at a time).
 """
@@ -53,6 +59,53 @@ def compile_decoder(model: Any) -> bool:
     return True
 
 
+def onednn_available() -> bool:
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class _OneDnnFrozenLinear:
+    """``x Wᵀ + b`` for a frozen ``W`` (and ``b``) through oneDNN, with the input gradient ``g W`` through oneDNN
+    as well. Built lazily so importing this module costs no torch import."""
+
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            import torch
+
+            class Fn(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x2, weight, bias):
+                    ctx.save_for_backward(weight)
+                    return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+
+                @staticmethod
+                def backward(ctx, g):
+                    (weight,) = ctx.saved_tensors
+                    if not ctx.needs_input_grad[0]:
+                        return None, None, None
+                    return torch.ops.mkldnn._linear_pointwise(g.contiguous(), weight.t(), None, "none", [], ""), None, None
+
+            cls.fn = Fn
+        return cls.fn
+
+
+def frozen_linear(x2, weight, bias=None, gemm: str = "torch"):
+    """``F.linear(x2, weight, bias)`` for a 2-D ``x2``; with ``gemm="onednn"`` through oneDNN when the weight
+    (and bias) are frozen fp32 CPU tensors and no autocast is on, else torch's own."""
+    import torch
+    import torch.nn.functional as F
+
+    if (gemm != "onednn" or weight.requires_grad or (bias is not None and bias.requires_grad)
+            or weight.dtype != torch.float32 or x2.dtype != torch.float32 or weight.device.type != "cpu"
+            or x2.dim() != 2 or torch.is_autocast_enabled("cpu")):
+        return F.linear(x2, weight, bias)
+    return _OneDnnFrozenLinear.get().apply(x2.contiguous(), weight, bias)
+
+
 def _fused_lora_forward(self, x, *args, **kwargs):
     """peft lora.Linear's forward for one plain adapter, as base GEMM + LoRA down-projection + one addmm."""
     import torch
@@ -66,23 +119,26 @@ def _fused_lora_forward(self, x, *args, **kwargs):
             or x.dtype != self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type)):
         return self._lowres_peft_forward(x, *args, **kwargs)
     x2 = x.reshape(-1, x.shape[-1])
-    out = F.linear(x2, self.base_layer.weight, self.base_layer.bias)
+    out = frozen_linear(x2, self.base_layer.weight, self.base_layer.bias, getattr(self, "_lowres_gemm", "torch"))
     down = F.linear(x2, self.lora_A[name].weight)
     out = torch.addmm(out, down, self.lora_B[name].weight.t(), alpha=self.scaling[name])
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def fuse_lora(model: Any) -> int:
-    """Give every peft LoRA Linear of ``model`` the fused forward; the number of layers changed."""
+def fuse_lora(model: Any, gemm: str = "torch") -> int:
+    """Give every peft LoRA Linear of ``model`` the fused forward (its base GEMM through ``gemm``); the number
+    of layers changed."""
     import types
 
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     n = 0
     for module in model.modules():
-        if type(module) is LoraLinear and not hasattr(module, "_lowres_peft_forward"):
-            module._lowres_peft_forward = module.forward
-            module.forward = types.MethodType(_fused_lora_forward, module)
+        if type(module) is LoraLinear:
+            if not hasattr(module, "_lowres_peft_forward"):
+                module._lowres_peft_forward = module.forward
+                module.forward = types.MethodType(_fused_lora_forward, module)
+            module._lowres_gemm = gemm
             n += 1
     return n
 
@@ -91,10 +147,14 @@ def apply(model: Any, train_cfg: Any) -> dict:
     """Apply ``train.attention``, ``train.fused_lora`` and ``train.compile`` to a loaded model (compile last:
     it traces what the others set up); what was done, for the run's info."""
     set_attention(model, train_cfg.attention)
-    fused = fuse_lora(model) if getattr(train_cfg, "fused_lora", False) else 0
+    gemm = getattr(train_cfg, "gemm", "torch")
+    if gemm == "onednn" and not onednn_available():
+        raise ValueError("train.gemm=onednn: this torch build has no oneDNN (torch.backends.mkldnn is not "
+                         "available); use train.gemm=torch")
+    fused = fuse_lora(model, gemm) if getattr(train_cfg, "fused_lora", False) or gemm == "onednn" else 0
     compiled = compile_decoder(model) if train_cfg.compile else False
     return {"attention": train_cfg.attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl,
-            "fused_lora_layers": fused}
+            "fused_lora_layers": fused, "gemm": gemm}
 
 
 def compile_seconds(step_seconds: list[float]) -> float | None:
