@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=10, help="simulated clients (default 10)")
     ap.add_argument("--local-steps", type=int, default=3, help="optimizer steps per client per round (default 3)")
     ap.add_argument("--eval-batches", type=int, default=4, help="eval batches (central and each client's)")
-    ap.add_argument("--lr", type=float, default=None, help="the clients' learning rate (default: the recipe's)")
+    ap.add_argument("--lr", type=float, default=3e-3,
+                    help="the clients' learning rate (default 3e-3: over 30 rounds × 3 local steps of 4 clients, "
+                         "the recipe's 1e-3 stalled at the most frequent token — token accuracy 0.216 — and 1e-2 "
+                         "at 0.234, while 3e-3 reached 0.293)")
     ap.add_argument("--quick", action="store_true", help="5 rounds, one seed")
     ap.add_argument("--codecs", default=DEFAULT_CODECS, help="comma-separated subset of " + ",".join(CODECS) +
                     "; none is the reference: without it here, none's runs must already be in OUT/runs.jsonl (or "
