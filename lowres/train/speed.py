@@ -14,8 +14,8 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
   for anything else (dropout, DoRA, several adapters, a quantized base, autocast, a disabled or merged adapter).
 * ``gemm``: ``onednn`` runs the frozen fp32 GEMMs — each LoRA layer's base projection and the LM head, forward
   and the input gradient backward — through oneDNN's JIT kernels (``torch.ops.mkldnn._linear_pointwise``, on
-  the weights as they are: no packed copy, no extra memory) instead of torch's BLAS (MKL's sgemm, which on
-  some CPUs — AMD's among them — takes a slower generic path). Same products, another summation order. Only
+  the weights as they are: no packed copy, no extra memory) instead of torch's BLAS (MKL's sgemm in the
+  pinned CPU build). Same products, another summation order. Only
   for fp32 tensors outside autocast (under bf16 autocast torch already calls oneDNN); anything else runs as
   before. Implies ``fused_lora``'s forward for the LoRA layers.
 * ``optimizer_impl``: torch AdamW ``fused`` (one kernel over all LoRA tensors), ``foreach`` (batched ops
