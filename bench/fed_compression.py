@@ -1,7 +1,7 @@
 """What compression costs a federation: bytes per round, and eval loss and token accuracy per round, per codec,
 IID and non-IID, over seeds.
 
-Clients of the `tiny` preset (10 by default), the same seed, data, partitions and initial adapter for every
+Clients of the `tiny` preset (4 by default), the same seed, data, partitions and initial adapter for every
 codec; three partitionings of the shipped instruction sample (IID, and Dirichlet α = 10 and α = 0.5 over the
 instruction category). Per codec (uplink / downlink):
 
@@ -26,7 +26,7 @@ in a seeded shuffled order (partition × codec) so machine noise does not favour
 another, so a cut-short run has whole seeds. Every finished federation is appended to ``OUT/runs.jsonl`` and
 a rerun with the same ``--out`` skips it (resume); ``--report-only`` only summarises what is there.
 
-    python bench/fed_compression.py --rounds 30 --seeds 3          # the study (hours on 2 busy cores)
+    python bench/fed_compression.py                                # the study: 30 rounds, 3 seeds, 4 clients (~1 h on 2 cores)
     python bench/fed_compression.py --quick                        # 5 rounds, 3 local steps, one seed
 
 Writes ``OUT/rounds.csv`` (per round: partition, codec, seed, loss, accuracy, bytes), ``OUT/summary.md`` (final
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=30, help="rounds per federation (default 30)")
     ap.add_argument("--seeds", "--repeats", dest="seeds", type=int, default=3, help="seeds per (partition, codec)")
-    ap.add_argument("--clients", type=int, default=10, help="simulated clients (default 10)")
+    ap.add_argument("--clients", type=int, default=4, help="simulated clients (default 4; 10 costs 2.5x the time)")
     ap.add_argument("--local-steps", type=int, default=3, help="optimizer steps per client per round (default 3)")
     ap.add_argument("--eval-batches", type=int, default=4, help="eval batches (central and each client's)")
     ap.add_argument("--lr", type=float, default=3e-3,
