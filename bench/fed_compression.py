@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=30, help="rounds per federation (default 30)")
     ap.add_argument("--seeds", "--repeats", dest="seeds", type=int, default=3, help="seeds per (partition, codec)")
-    ap.add_argument("--clients", type=int, default=4, help="simulated clients (default 4; 10 costs 2.5x the time)")
+    ap.add_argument("--clients", type=int, default=4, help="simulated clients (default 4; 10 take about twice as long)")
     ap.add_argument("--local-steps", type=int, default=3, help="optimizer steps per client per round (default 3)")
     ap.add_argument("--eval-batches", type=int, default=4, help="eval batches (central and each client's)")
     ap.add_argument("--lr", type=float, default=3e-3,
