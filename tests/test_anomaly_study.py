@@ -114,15 +114,8 @@ def test_student_fedavg_counts_every_message(tmp_path):
 
 
 def test_bench_refuses_unknown_teachers(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "anomaly_study.py"
-    spec = importlib.util.spec_from_file_location("anomaly_study", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     with pytest.raises(SystemExit) as exc:
-        mod.main(["--teachers", "gpt5"])
+        _bench().main(["--teachers", "gpt5"])
     assert exc.value.code == 2 and "unknown ['gpt5']" in capsys.readouterr().err
 
 

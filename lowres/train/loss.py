@@ -28,6 +28,26 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[..., 1:], pad], dim=-1)
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` through oneDNN's JIT GEMM (``train.gemm=onednn``, lowres.train.speed)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+class OneDnnFrozenLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` for a frozen ``W`` and ``b`` through oneDNN; backward gives the input gradient ``g W`` through
+    oneDNN as well (none for the frozen weight and bias)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias):
+        ctx.save_for_backward(weight)
+        return onednn_linear(x2, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        (weight,) = ctx.saved_tensors
+        return (onednn_linear(g, weight.t()) if ctx.needs_input_grad[0] else None), None, None
+
+
 def plain_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: full logits in fp32, then summed cross-entropy. ``labels`` are already shifted."""
@@ -48,14 +68,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(h2) if hidden.requires_grad else None
         # Weight gradients accumulate in fp32: many chunks add up, and bf16 sums lose bits.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        head_gemm, input_grad = F.linear, torch.matmul
-        if gemm == "onednn" and not want_w and not want_b and weight.dtype == torch.float32 \
-                and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            def head_gemm(h, w, b):  # noqa: E306 — oneDNN's fp32 GEMM (lowres.train.speed, train.gemm)
-                return torch.ops.mkldnn._linear_pointwise(h.contiguous(), w, b, "none", [], "")
-
-            def input_grad(g, w):  # noqa: E306
-                return torch.ops.mkldnn._linear_pointwise(g.contiguous(), w.t(), None, "none", [], "")
+        onednn = (gemm == "onednn" and not want_w and not want_b and weight.dtype == torch.float32
+                  and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, h2.shape[0], chunk_tokens):
@@ -63,7 +77,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             keep = yc != IGNORE_INDEX
             if not bool(keep.any()):
                 continue  # no targets here: zero loss, zero gradient
-            logits = head_gemm(hc, weight, bias).float()
+            logits = (onednn_linear(hc, weight, bias) if onednn else F.linear(hc, weight, bias)).float()
             lse = torch.logsumexp(logits, dim=-1)
             safe_y = yc.clamp_min(0)
             target = logits.gather(1, safe_y[:, None]).squeeze(1)
@@ -74,7 +88,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs.mul_(keep[:, None])
             g = probs.to(hc.dtype)
             if grad_h is not None:
-                grad_h[start:start + chunk_tokens] = input_grad(g, weight).to(grad_h.dtype)
+                gh = onednn_linear(g, weight.t()) if onednn else g @ weight
+                grad_h[start:start + chunk_tokens] = gh.to(grad_h.dtype)
             if grad_w is not None:
                 grad_w.addmm_(probs.t(), hc.float())
             if grad_b is not None:

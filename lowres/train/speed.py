@@ -65,34 +65,6 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class _OneDnnFrozenLinear:
-    """``x Wᵀ + b`` for a frozen ``W`` (and ``b``) through oneDNN, with the input gradient ``g W`` through oneDNN
-    as well. Built lazily so importing this module costs no torch import."""
-
-    fn = None
-
-    @classmethod
-    def get(cls):
-        if cls.fn is None:
-            import torch
-
-            class Fn(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx, x2, weight, bias):
-                    ctx.save_for_backward(weight)
-                    return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-
-                @staticmethod
-                def backward(ctx, g):
-                    (weight,) = ctx.saved_tensors
-                    if not ctx.needs_input_grad[0]:
-                        return None, None, None
-                    return torch.ops.mkldnn._linear_pointwise(g.contiguous(), weight.t(), None, "none", [], ""), None, None
-
-            cls.fn = Fn
-        return cls.fn
-
-
 def frozen_linear(x2, weight, bias=None, gemm: str = "torch"):
     """``F.linear(x2, weight, bias)`` for a 2-D ``x2``; with ``gemm="onednn"`` through oneDNN when the weight
     (and bias) are frozen fp32 CPU tensors and no autocast is on, else torch's own."""
@@ -103,7 +75,9 @@ def frozen_linear(x2, weight, bias=None, gemm: str = "torch"):
             or weight.dtype != torch.float32 or x2.dtype != torch.float32 or weight.device.type != "cpu"
             or x2.dim() != 2 or torch.is_autocast_enabled("cpu")):
         return F.linear(x2, weight, bias)
-    return _OneDnnFrozenLinear.get().apply(x2.contiguous(), weight, bias)
+    from lowres.train.loss import OneDnnFrozenLinear
+
+    return OneDnnFrozenLinear.apply(x2, weight, bias)
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
