@@ -99,12 +99,14 @@ class TrainConfig(_Section):
                           "compiles (timed, cached on disk); see lowres.train.speed")
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel: sdpa (fused) or eager")
     optimizer_impl: Literal["fused", "foreach", "loop"] = Field("fused", description="AdamW implementation")
-    fused_lora: bool = Field(False, description="LoRA linears as base GEMM + one addmm (no separate scale and "
-                             "add over the output); see lowres.train.speed")
-    gemm: Literal["torch", "onednn"] = Field("torch", description="the frozen base projections' and LM head's "
-                                             "fp32 GEMMs: torch (its BLAS, MKL) or onednn (oneDNN's JIT kernels, "
-                                             "forward and input gradient); onednn implies fused_lora's LoRA forward; "
-                                             "see lowres.train.speed")
+    fused_lora: bool = Field(True, description="each LoRA linear as one autograd Function (the frozen GEMM with "
+                             "the rank-r term added in place; no separate scale, add and copies over the output); "
+                             "false = peft's own forward; see lowres.train.speed")
+    gemm: Literal["auto", "torch", "onednn"] = Field("auto", description="the frozen base projections' and LM "
+                                                     "head's fp32 GEMMs: torch (its BLAS, MKL), onednn (oneDNN's "
+                                                     "JIT kernels, forward and input gradient) or auto (onednn on "
+                                                     "a CPU where torch has oneDNN, else torch); onednn implies "
+                                                     "fused_lora; see lowres.train.speed")
     profile_steps: int = Field(0, ge=0, description="optimizer steps traced by torch.profiler right after the "
                                "warm-up steps: torch_trace.json.gz and op_profile.json (time by op family) in "
                                "output_dir; 0 = none")
@@ -160,10 +162,11 @@ class RunConfig(_Section):
         d.pop("tracking", None)
         d["train"].pop("max_bad_steps", None)  # a guard: it changes no result of a run that trains
         d["train"].pop("profile_steps", None)  # a trace of a few steps: it changes no result either
-        for key, default in (("compile", False), ("attention", "sdpa"), ("optimizer_impl", "fused"),
-                             ("fused_lora", False), ("gemm", "torch")):
+        for key, default in (("compile", False), ("attention", "sdpa"), ("optimizer_impl", "fused")):
             if d["train"].get(key) == default:  # speed options at their defaults: older runs' hashes hold
                 d["train"].pop(key, None)
+        for key in ("fused_lora", "gemm"):  # the same products in another order (tested): results hold; and
+            d["train"].pop(key, None)       # runs from before their defaults changed keep their hashes
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

@@ -61,11 +61,13 @@ def test_parameter_groups_are_those_of_the_real_model(name):
     assert len(arch.layers) == TINY[name]["num_hidden_layers"]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_lora", "peft"])
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute):
+def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute, fused):
     """The trace runs on the meta device with a stand-in for fused SDPA; the real model runs on the CPU with
-    the real kernels. Bytes saved per token, first layer and each further layer, must agree."""
+    the real kernels, its LoRA linears as the recipe runs them (train.fused_lora) or peft's own. Bytes saved
+    per token, first layer and each further layer, must agree."""
     torch = pytest.importorskip("torch")
     from peft import LoraConfig, get_peft_model
 
@@ -80,6 +82,10 @@ def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute)
         for p in model.parameters():
             p.requires_grad_(False)
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+        if fused:
+            from lowres.train.speed import fuse_lora
+
+            assert fuse_lora(model) > 0
         model.train()
         fixed = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
         seen: dict[int, int] = {}
@@ -94,7 +100,7 @@ def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute)
             model.get_base_model().get_decoder()(input_ids=torch.randint(0, 300, (1, s)))
         return sum(seen.values()) / s
 
-    first, per_layer = activation_trace(spec, compute, 4, "all_linear", s)
+    first, per_layer = activation_trace(spec, compute, 4, "all_linear", s, fused)
     assert first == pytest.approx(saved(1), rel=0.03)
     assert per_layer == pytest.approx(saved(2) - saved(1), rel=0.03)
 

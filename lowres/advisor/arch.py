@@ -296,9 +296,11 @@ def _trace_patches():
 
 
 @lru_cache(maxsize=256)
-def _saved_bytes(key: str, layers: int, compute: str, rank: int, targets: str, seq_len: int) -> tuple[float, int]:
+def _saved_bytes(key: str, layers: int, compute: str, rank: int, targets: str, seq_len: int,
+                 fused: bool = True) -> tuple[float, int]:
     """(bytes autograd saves — parameters and buffers excluded, each storage once —, autograd nodes) in one
-    forward of the ``layers``-layer decoder with LoRA over a frozen base, batch 1 × ``seq_len``, meta device."""
+    forward of the ``layers``-layer decoder with LoRA over a frozen base, batch 1 × ``seq_len``, meta device;
+    ``fused``: the LoRA linears as the recipe runs them with ``train.fused_lora`` (lowres.train.speed)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -312,6 +314,10 @@ def _saved_bytes(key: str, layers: int, compute: str, rank: int, targets: str, s
     with _quiet():
         model = get_peft_model(model, LoraConfig(r=rank, target_modules=names, lora_dropout=0.0,
                                                  task_type="CAUSAL_LM"))
+    if fused:
+        from lowres.train.speed import fuse_lora
+
+        fuse_lora(model)
     model.train()
     fixed = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
@@ -341,7 +347,8 @@ def _count_nodes(fn: Any) -> int:
     return len(seen)
 
 
-def activation_trace(spec: Any, compute: str, rank: int, targets: Any, seq_len: int) -> tuple[float, float]:
+def activation_trace(spec: Any, compute: str, rank: int, targets: Any, seq_len: int,
+                     fused: bool = True) -> tuple[float, float]:
     """(first layer + everything outside the layers, each further layer), bytes saved per token.
 
     The first layer is traced apart because its input (the frozen embedding's output) needs no gradient,
@@ -349,19 +356,19 @@ def activation_trace(spec: Any, compute: str, rank: int, targets: Any, seq_len: 
     key = _key(spec)
     names = peft_targets(targets)
     tkey = json.dumps(names)
-    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len)[0]
+    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len, fused)[0]
     arch = _arch(key)
-    two = _saved_bytes(key, 2, compute, rank, tkey, seq_len)[0] if arch.num_layers > 1 else 2 * one
+    two = _saved_bytes(key, 2, compute, rank, tkey, seq_len, fused)[0] if arch.num_layers > 1 else 2 * one
     return one / seq_len, max(0.0, two - one) / seq_len
 
 
-def graph_ops(spec: Any, compute: str, rank: int, targets: Any, seq_len: int) -> int:
+def graph_ops(spec: Any, compute: str, rank: int, targets: Any, seq_len: int, fused: bool = True) -> int:
     """Autograd nodes of one forward of the whole decoder (first layer + (L - 1) more), from the same trace:
     the number of ops whose fixed dispatch cost a step pays twice (forward and backward), whatever the
     tensor sizes."""
     key = _key(spec)
     tkey = json.dumps(peft_targets(targets))
-    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len)[1]
+    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len, fused)[1]
     arch = _arch(key)
-    two = _saved_bytes(key, 2, compute, rank, tkey, seq_len)[1] if arch.num_layers > 1 else 2 * one
+    two = _saved_bytes(key, 2, compute, rank, tkey, seq_len, fused)[1] if arch.num_layers > 1 else 2 * one
     return one + (arch.num_layers - 1) * max(0, two - one)

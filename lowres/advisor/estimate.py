@@ -34,6 +34,8 @@ class Candidate(BaseModel):
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = Field(1024, ge=0, description="0 = the whole batch's logits at once")
     optimizer: str = "adamw"
+    fused_lora: bool = Field(True, description="LoRA linears as lowres.train.speed's Function (train.fused_lora, "
+                             "no LoRA dropout); traced as such for activations and op counts")
 
     @field_validator("lora_targets")
     @classmethod
@@ -49,7 +51,8 @@ class Candidate(BaseModel):
                    double_quant=cfg.precision.double_quant, lora_rank=cfg.lora.rank, lora_targets=targets,
                    batch_size=cfg.train.batch_size, seq_len=cfg.data.max_length,
                    gradient_checkpointing=cfg.precision.gradient_checkpointing,
-                   loss_chunk_tokens=cfg.train.loss_chunk_tokens, optimizer=cfg.train.optimizer)
+                   loss_chunk_tokens=cfg.train.loss_chunk_tokens, optimizer=cfg.train.optimizer,
+                   fused_lora=(cfg.train.fused_lora or cfg.train.gemm == "onednn") and cfg.lora.dropout == 0)
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,8 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     memory["dequant_scratch"] = M.dequant_scratch_bytes(spec, e, cand.quant)
     memory.update(M.lora_state_bytes(lora_n, cand.optimizer))
     memory["activations"] = M.activation_bytes(spec, e, cand.lora_rank, cand.lora_targets, cand.batch_size,
-                                               cand.seq_len,
-                                               cand.gradient_checkpointing)
+                                               cand.seq_len, cand.gradient_checkpointing,
+                                               cand.fused_lora and cand.quant == "none")
     memory["logits"] = M.logits_bytes(spec, e, cand.batch_size, cand.seq_len, cand.loss_chunk_tokens)
     live = sum(memory.values())
     # Only transient tensors (activations, logits, gradients, dequant scratch) churn through the allocator;
@@ -239,7 +242,8 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     if device == "cpu" and rl is not None and arch is not None and getattr(rl, "op_seconds", None):
         from lowres.advisor.arch import graph_ops, targeted
 
-        n_ops = 2 * graph_ops(spec, compute, cand.lora_rank, cand.lora_targets, cand.seq_len)
+        n_ops = 2 * graph_ops(spec, compute, cand.lora_rank, cand.lora_targets, cand.seq_len,
+                              cand.fused_lora and cand.quant == "none")
         lora_tensors = 2 * sum(len(layer) for layer in targeted(arch, cand.lora_targets))
         act = memory["activations"] * (1.5 if cand.gradient_checkpointing else 1.0)
         machine = C.machine_step_seconds(spec, compute, tokens, cand.seq_len, flops, act,

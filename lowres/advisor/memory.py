@@ -232,7 +232,7 @@ def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: 
 
 
 def activation_bytes(spec: Any, e: int, rank: int, targets: tuple[str, ...], batch_size: int, seq_len: int,
-                     gradient_checkpointing: bool) -> float:
+                     gradient_checkpointing: bool, fused_lora: bool = True) -> float:
     """Activations alive at the start of backward, for b·s tokens.
 
     Without checkpointing: L layers' saved tensors (see ``activation_bytes_per_token_per_layer``) plus one
@@ -248,7 +248,7 @@ def activation_bytes(spec: Any, e: int, rank: int, targets: tuple[str, ...], bat
         from lowres.advisor.arch import activation_trace
 
         compute = {4: "fp32", 2: "bf16"}[e]
-        first, per_layer = activation_trace(spec, compute, rank, targets, seq_len)
+        first, per_layer = activation_trace(spec, compute, rank, targets, seq_len, fused_lora)
         if gradient_checkpointing:
             per_token = spec.num_layers * spec.hidden_size * e + 2 * per_layer + spec.hidden_size * 4.0
         else:

@@ -33,21 +33,6 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
-class OneDnnFrozenLinear(torch.autograd.Function):
-    """``x Wᵀ + b`` for a frozen ``W`` and ``b`` through oneDNN; backward gives the input gradient ``g W`` through
-    oneDNN as well (none for the frozen weight and bias)."""
-
-    @staticmethod
-    def forward(ctx, x2, weight, bias):
-        ctx.save_for_backward(weight)
-        return onednn_linear(x2, weight, bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        (weight,) = ctx.saved_tensors
-        return (onednn_linear(g, weight.t()) if ctx.needs_input_grad[0] else None), None, None
-
-
 def plain_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: full logits in fp32, then summed cross-entropy. ``labels`` are already shifted."""

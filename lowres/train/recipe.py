@@ -121,7 +121,8 @@ class Recipe:
         self.model.train()
         from lowres.train import speed
 
-        speed_info = speed.apply(self.model, cfg.train)  # train.attention, train.compile
+        speed_info = speed.apply(self.model, cfg.train, "cuda" if self.device.startswith("cuda") else "cpu")
+        self.gemm = speed_info["gemm"]  # train.gemm resolved (auto → onednn or torch)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -364,7 +365,7 @@ class Recipe:
         loss_sum = 0.0
         for batch in micro:
             with timer("forward"), autocast_context(self.precision, self.device):
-                loss, _ = causal_lm_loss(self.model, batch, cfg.loss_chunk_tokens, cfg.gemm)
+                loss, _ = causal_lm_loss(self.model, batch, cfg.loss_chunk_tokens, self.gemm)
                 loss = loss / max(1, n_label)
             with timer("backward"):
                 loss.backward()

@@ -8,16 +8,17 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
   cached on disk (``$LOWRES_CACHE_DIR/inductor``), so a second run of the same shapes compiles much faster.
 * ``attention``: ``sdpa`` (torch's scaled_dot_product_attention, a fused flash kernel on CPU) or ``eager``
   (the model's own matmul-softmax-matmul).
-* ``fused_lora``: each LoRA linear as two GEMMs, the second an ``addmm`` that adds ``scaling · (x A) Bᵀ`` onto
-  the frozen projection's output in one kernel — peft's own forward spends a multiply and an add over the whole
-  [tokens × out] output per LoRA layer (forward, and the multiply again backward). Falls back to peft's forward
-  for anything else (dropout, DoRA, several adapters, a quantized base, autocast, a disabled or merged adapter).
+* ``fused_lora``: each LoRA linear as one autograd Function (``LoraLinearFunction``): the frozen GEMM with
+  ``scaling · (x Aᵀ) Bᵀ`` added into its output in place, and a backward of the same GEMMs as autograd's through
+  peft, without peft's multiply, add and copies over the whole [tokens × out] output. In 16-bit compute it
+  also keeps the adapter's GEMMs in the compute dtype (peft casts every LoRA layer's input to fp32). Falls back
+  to peft's forward for anything else (dropout, DoRA, several adapters, a quantized base, autocast, a disabled
+  or merged adapter).
 * ``gemm``: ``onednn`` runs the frozen fp32 GEMMs — each LoRA layer's base projection and the LM head, forward
   and the input gradient backward — through oneDNN's JIT kernels (``torch.ops.mkldnn._linear_pointwise``, on
   the weights as they are: no packed copy, no extra memory) instead of torch's BLAS (MKL's sgemm in the
-  pinned CPU build). Same products, another summation order. Only
-  for fp32 tensors outside autocast (under bf16 autocast torch already calls oneDNN); anything else runs as
-  before. Implies ``fused_lora``'s forward for the LoRA layers.
+  pinned CPU build). Same products, another summation order. Only for fp32 (in bf16 torch already calls
+  oneDNN); anything else runs as before. Implies ``fused_lora`` (the LoRA layers' GEMMs are its).
 * ``optimizer_impl``: torch AdamW ``fused`` (one kernel over all LoRA tensors), ``foreach`` (batched ops
   over the tensor list) or ``loop`` (one tensor at a time).
 """
@@ -65,37 +66,101 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def frozen_linear(x2, weight, bias=None, gemm: str = "torch"):
-    """``F.linear(x2, weight, bias)`` for a 2-D ``x2``; with ``gemm="onednn"`` through oneDNN when the weight
-    (and bias) are frozen fp32 CPU tensors and no autocast is on, else torch's own."""
+class LoraLinearFunction:
+    """``x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ`` for a frozen ``W`` (and ``b``) and a trainable LoRA pair ``A`` [r × in],
+    ``B`` [out × r], with a backward written for LoRA (built lazily: torch is imported on first use).
+
+    Forward: the rank-r down-projection ``h = x Aᵀ``, the frozen GEMM, and ``s · h Bᵀ`` added into its output in
+    place (one ``addmm_``: no [tokens × out] LoRA output, scaled copy or sum, which peft's forward makes).
+    Backward: ``dh = s · g B``, ``dB = s · gᵀ h``, ``dA = dhᵀ x`` and ``dx = g W + dh A`` (the rank-r term added
+    in place into the frozen GEMM's result) — the GEMMs autograd would run through peft's graph, less its
+    element-wise passes over [tokens × out], and no input gradient where none is wanted (the first layer).
+    In 16-bit compute the fp32 adapter weights are cast to the compute dtype (r × (in + out) elements) rather
+    than, as peft does, the [tokens × in] activations to fp32: the adapter's GEMMs run in bf16 with fp32
+    accumulation, as under autocast, and the layer saves its bf16 input, not an fp32 copy of it."""
+
+    _fn = None
+
+    @classmethod
+    def apply(cls, x2, weight, bias, lora_a, lora_b, scaling: float, gemm: str = "torch"):
+        if cls._fn is None:
+            cls._fn = _build_lora_function()
+        return cls._fn.apply(x2, weight, bias, lora_a, lora_b, scaling, gemm)
+
+
+def _build_lora_function():
     import torch
     import torch.nn.functional as F
 
-    if (gemm != "onednn" or weight.requires_grad or (bias is not None and bias.requires_grad)
-            or weight.dtype != torch.float32 or x2.dtype != torch.float32 or weight.device.type != "cpu"
-            or x2.dim() != 2 or torch.is_autocast_enabled("cpu")):
-        return F.linear(x2, weight, bias)
-    from lowres.train.loss import OneDnnFrozenLinear
+    from lowres.train.loss import onednn_linear
 
-    return OneDnnFrozenLinear.apply(x2, weight, bias)
+    def base(x2, weight, bias, gemm):
+        if (gemm == "onednn" and x2.dtype == torch.float32 and weight.dtype == torch.float32
+                and x2.device.type == "cpu"):
+            return onednn_linear(x2, weight, bias)
+        return F.linear(x2, weight, bias)
+
+    class _LoraLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x2, weight, bias, lora_a, lora_b, scaling, gemm):
+            a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
+            h = x2 @ a.t()
+            y = base(x2, weight, bias, gemm)
+            y.addmm_(h, b.t(), alpha=scaling)
+            ctx.save_for_backward(x2, weight, a, b, h)
+            ctx.scaling, ctx.gemm, ctx.dtypes = scaling, gemm, (lora_a.dtype, lora_b.dtype)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            x2, weight, a, b, h = ctx.saved_tensors
+            s = ctx.scaling
+            g = g.contiguous()
+            want_x, want_a, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+            dx = da = db = None
+            dh = (g @ b).mul_(s) if (want_x or want_a) else None
+            if want_b:
+                db = (h.t() @ g).t().mul_(s).to(ctx.dtypes[1])
+            if want_a:
+                da = (dh.t() @ x2).to(ctx.dtypes[0])
+            if want_x:
+                dx = base(g, weight.t(), None, ctx.gemm) if ctx.gemm == "onednn" else g @ weight
+                dx.addmm_(dh, a)
+            return dx, None, None, da, db, None, None
+
+    return _LoraLinear
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for devices autocast does not know (meta: the
+    advisor's trace)."""
+    import torch
+
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
-    """peft lora.Linear's forward for one plain adapter, as base GEMM + LoRA down-projection + one addmm."""
+    """peft lora.Linear's forward for one plain adapter through ``LoraLinearFunction``; peft's own for anything
+    else (dropout, DoRA and other variants, several adapters, a quantized or trainable base, autocast, a
+    disabled or merged adapter)."""
     import torch
-    import torch.nn.functional as F
 
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
+    base = self.base_layer
     if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
             or name in self.lora_variant or type(self.lora_dropout[name]) is not torch.nn.Identity
-            or type(self.base_layer) is not torch.nn.Linear or self.lora_B[name].bias is not None
-            or x.dtype != self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type)):
+            or type(base) is not torch.nn.Linear or self.lora_B[name].bias is not None
+            or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+            or x.dtype != base.weight.dtype or not x.dtype.is_floating_point
+            or _autocast_on(x.device.type)):
         return self._lowres_peft_forward(x, *args, **kwargs)
     x2 = x.reshape(-1, x.shape[-1])
-    out = frozen_linear(x2, self.base_layer.weight, self.base_layer.bias, getattr(self, "_lowres_gemm", "torch"))
-    down = F.linear(x2, self.lora_A[name].weight)
-    out = torch.addmm(out, down, self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    out = LoraLinearFunction.apply(x2, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                   self.scaling[name], getattr(self, "_lowres_gemm", "torch"))
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -117,14 +182,22 @@ def fuse_lora(model: Any, gemm: str = "torch") -> int:
     return n
 
 
-def apply(model: Any, train_cfg: Any) -> dict:
-    """Apply ``train.attention``, ``train.fused_lora`` and ``train.compile`` to a loaded model (compile last:
-    it traces what the others set up); what was done, for the run's info."""
+def resolve_gemm(gemm: str, device: str = "cpu") -> str:
+    """``train.gemm`` as it will run: ``auto`` is onednn on a CPU where torch has oneDNN, else torch; an
+    explicit onednn without oneDNN (or off the CPU) is an error that says what to do."""
+    if gemm == "auto":
+        return "onednn" if device == "cpu" and onednn_available() else "torch"
+    if gemm == "onednn" and not (device == "cpu" and onednn_available()):
+        where = "off the CPU" if device != "cpu" else "with this torch build (torch.backends.mkldnn is not available)"
+        raise ValueError(f"train.gemm=onednn: oneDNN's GEMMs cannot run {where}; use train.gemm=auto or torch")
+    return gemm
+
+
+def apply(model: Any, train_cfg: Any, device: str = "cpu") -> dict:
+    """Apply ``train.attention``, ``train.fused_lora``/``train.gemm`` and ``train.compile`` to a loaded model
+    (compile last: it traces what the others set up); what was done, for the run's info (``gemm`` resolved)."""
     set_attention(model, train_cfg.attention)
-    gemm = getattr(train_cfg, "gemm", "torch")
-    if gemm == "onednn" and not onednn_available():
-        raise ValueError("train.gemm=onednn: this torch build has no oneDNN (torch.backends.mkldnn is not "
-                         "available); use train.gemm=torch")
+    gemm = resolve_gemm(getattr(train_cfg, "gemm", "torch"), device)
     fused = fuse_lora(model, gemm) if getattr(train_cfg, "fused_lora", False) or gemm == "onednn" else 0
     compiled = compile_decoder(model) if train_cfg.compile else False
     return {"attention": train_cfg.attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl,
