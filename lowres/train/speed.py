@@ -182,22 +182,86 @@ def fuse_lora(model: Any, gemm: str = "torch") -> int:
     return n
 
 
-def resolve_gemm(gemm: str, device: str = "cpu") -> str:
-    """``train.gemm`` as it will run: ``auto`` is onednn on a CPU where torch has oneDNN, else torch; an
-    explicit onednn without oneDNN (or off the CPU) is an error that says what to do."""
+def resolve_gemm(gemm: str, device: str = "cpu", compute: str = "fp32",
+                 shapes: list[tuple[int, int, int]] | None = None, fingerprint: str | None = None) -> str:
+    """``train.gemm`` as it will run. ``auto``: torch off the CPU, outside fp32 (bf16 GEMMs are oneDNN's in
+    torch already) and where torch has no oneDNN; otherwise whichever of the two measured faster on this
+    machine over the model's GEMM ``shapes`` (``measure_gemm_choice``, cached beside the roofline). An explicit
+    onednn where it cannot run is an error that says what to do."""
     if gemm == "auto":
-        return "onednn" if device == "cpu" and onednn_available() else "torch"
+        if device != "cpu" or compute != "fp32" or not onednn_available() or not shapes:
+            return "torch"
+        return measure_gemm_choice(shapes, fingerprint=fingerprint)["choice"]
     if gemm == "onednn" and not (device == "cpu" and onednn_available()):
         where = "off the CPU" if device != "cpu" else "with this torch build (torch.backends.mkldnn is not available)"
         raise ValueError(f"train.gemm=onednn: oneDNN's GEMMs cannot run {where}; use train.gemm=auto or torch")
     return gemm
 
 
-def apply(model: Any, train_cfg: Any, device: str = "cpu") -> dict:
-    """Apply ``train.attention``, ``train.fused_lora``/``train.gemm`` and ``train.compile`` to a loaded model
-    (compile last: it traces what the others set up); what was done, for the run's info (``gemm`` resolved)."""
+# oneDNN must beat torch's BLAS by this much to be chosen: timing noise must not flip the choice
+GEMM_MARGIN = 0.97
+
+
+def measure_gemm_choice(shapes: list[tuple[int, int, int]], *, fingerprint: str | None = None, reps: int = 4,
+                        path: Any = None) -> dict:
+    """Time torch's fp32 GEMM (its BLAS) against oneDNN's on the model's shapes (M, K, N), both as a step uses
+    them — forward ``x Wᵀ`` and input gradient ``g W`` — interleaved, the best of ``reps`` each, at torch's
+    current thread count. ``{"choice", "torch_s", "onednn_s", "source"}``: onednn when its summed time is at
+    most ``GEMM_MARGIN`` of torch's. Cached per machine, threads and shapes in the roofline cache; a result
+    measured while the machine is busy is used, not kept (lowres.train.mfu's rule)."""
+    import time
+
+    import torch
+
+    from lowres.advisor.calibrate import BUSY_LOAD_PER_CPU, machine_load
+    from lowres.train.loss import onednn_linear
+    from lowres.train.roofline_cache import cache_key, cache_path, read_cache, write_cache
+
+    if fingerprint is None:
+        from lowres.hardware.detection import this_machine_fingerprint
+
+        fingerprint = this_machine_fingerprint()
+    key = cache_key(f"{fingerprint}:cpu", "gemm-choice-fp32", torch.get_num_threads(), shapes)
+    path = path or cache_path()
+    cache = read_cache(path)
+    if key in cache and cache[key].get("choice") in ("torch", "onednn"):
+        return dict(cache[key], source="cache")
+    before = machine_load()
+    best = {("torch", i): float("inf") for i in range(2 * len(shapes))}
+    best.update({("onednn", i): float("inf") for i in range(2 * len(shapes))})
+    ops = []
+    for m, k, n in shapes:
+        m = min(m, 512)  # a step's GEMMs at a micro-batch of up to 512 tokens: enough to rank the two
+        # constant operands (a memset, not randn: seconds for a 262k vocabulary); GEMM speed is value-blind
+        w = torch.full((n, k), 0.01)
+        x, gy = torch.full((m, k), 0.5), torch.full((m, n), 0.5)
+        ops.append(((lambda x=x, w=w: torch.nn.functional.linear(x, w)), (lambda x=x, w=w: onednn_linear(x, w))))
+        ops.append(((lambda gy=gy, w=w: gy @ w), (lambda gy=gy, w=w: onednn_linear(gy, w.t()))))
+    for i, (a, b) in enumerate(ops):  # warm-up: packing buffers, JIT kernels, the thread pool
+        a(), b()
+    for _ in range(reps):
+        for i, pair in enumerate(ops):
+            for lib, fn in zip(("torch", "onednn"), pair):
+                t0 = time.perf_counter()
+                fn()
+                best[(lib, i)] = min(best[(lib, i)], time.perf_counter() - t0)
+    t_torch = sum(v for (lib, _), v in best.items() if lib == "torch")
+    t_onednn = sum(v for (lib, _), v in best.items() if lib == "onednn")
+    out = {"choice": "onednn" if t_onednn <= GEMM_MARGIN * t_torch else "torch", "torch_s": t_torch,
+           "onednn_s": t_onednn, "source": "measured", "measured_at": time.time()}
+    load = machine_load()
+    if max(before.get("load_per_cpu", 0.0), load.get("load_per_cpu", 0.0)) <= BUSY_LOAD_PER_CPU:
+        cache = read_cache(path)
+        cache[key] = {**out, "load": load}
+        write_cache(path, cache)
+    return out
+
+
+def apply(model: Any, train_cfg: Any, gemm: str = "torch") -> dict:
+    """Apply ``train.attention``, ``train.fused_lora``/``gemm`` (already resolved: ``resolve_gemm``) and
+    ``train.compile`` to a loaded model (compile last: it traces what the others set up); what was done, for
+    the run's info."""
     set_attention(model, train_cfg.attention)
-    gemm = resolve_gemm(getattr(train_cfg, "gemm", "torch"), device)
     fused = fuse_lora(model, gemm) if getattr(train_cfg, "fused_lora", False) or gemm == "onednn" else 0
     compiled = compile_decoder(model) if train_cfg.compile else False
     return {"attention": train_cfg.attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl,
