@@ -33,12 +33,15 @@ TABLE_NAME = "op_profile.json"
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addmv", "mv", "dot", "addbmm", "einsum",
            "_addmm_activation", "mkldnn_linear", "_mkldnn_linear", "mkldnn_matmul", "_weight_int4pack_mm",
            "_weight_int8pack_mm"}
+_ONEDNN_MATMUL = {"_linear_pointwise", "_linear_pointwise_binary"}
 _ATTENTION = {"scaled_dot_product_attention", "softmax", "_softmax", "_softmax_backward_data", "_safe_softmax"}
 
 
 def family_of(name: str, under_optimizer: bool) -> str | None:
     """The family of one profiler event by its name; None for what is not an aten op (Python-level ranges,
     autograd engine wrappers): their self time stays in ``other``."""
+    if name.startswith("mkldnn::") and name[len("mkldnn::"):] in _ONEDNN_MATMUL:
+        return "optimizer" if under_optimizer else "matmul"  # oneDNN's GEMMs (train.gemm=onednn)
     if not name.startswith("aten::"):
         return None
     if under_optimizer:
