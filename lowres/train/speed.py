@@ -107,22 +107,24 @@ def _build_lora_function():
             h = x2 @ a.t()
             y = base(x2, weight, bias, gemm)
             y.addmm_(h, b.t(), alpha=scaling)
-            ctx.save_for_backward(x2, weight, a, b, h)
-            ctx.scaling, ctx.gemm, ctx.dtypes = scaling, gemm, (lora_a.dtype, lora_b.dtype)
+            # the parameters themselves, not their casts: backward casts again (r × (in + out) elements)
+            ctx.save_for_backward(x2, weight, lora_a, lora_b, h)
+            ctx.scaling, ctx.gemm = scaling, gemm
             return y
 
         @staticmethod
         def backward(ctx, g):
-            x2, weight, a, b, h = ctx.saved_tensors
+            x2, weight, lora_a, lora_b, h = ctx.saved_tensors
+            a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
             s = ctx.scaling
             g = g.contiguous()
             want_x, want_a, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
             dx = da = db = None
             dh = (g @ b).mul_(s) if (want_x or want_a) else None
             if want_b:
-                db = (h.t() @ g).t().mul_(s).to(ctx.dtypes[1])
+                db = (h.t() @ g).t().mul_(s).to(lora_b.dtype)
             if want_a:
-                da = (dh.t() @ x2).to(ctx.dtypes[0])
+                da = (dh.t() @ x2).to(lora_a.dtype)
             if want_x:
                 dx = base(g, weight.t(), None, ctx.gemm) if ctx.gemm == "onednn" else g @ weight
                 dx.addmm_(dh, a)
@@ -231,8 +233,10 @@ def measure_gemm_choice(shapes: list[tuple[int, int, int]], *, fingerprint: str 
     best.update({("onednn", i): float("inf") for i in range(2 * len(shapes))})
     ops = []
     for m, k, n in shapes:
-        m = min(m, 512)  # a step's GEMMs at a micro-batch of up to 512 tokens: enough to rank the two
-        # constant operands (a memset, not randn: seconds for a 262k vocabulary); GEMM speed is value-blind
+        # at most 512 rows and 4,096 output columns (the LM head): enough to rank the two libraries, and a
+        # few tens of MB at most — a 262k-vocabulary head at full size would add ~1.7 GB to the run's peak
+        m, n = min(m, 512), min(n, 4096)
+        # constant operands (a memset, not randn); GEMM speed is value-blind
         w = torch.full((n, k), 0.01)
         x, gy = torch.full((m, k), 0.5), torch.full((m, n), 0.5)
         ops.append(((lambda x=x, w=w: torch.nn.functional.linear(x, w)), (lambda x=x, w=w: onednn_linear(x, w))))
