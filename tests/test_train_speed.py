@@ -223,6 +223,12 @@ def test_gemm_auto_is_measured_here_cached_and_only_for_fp32_on_the_cpu(tmp_path
     assert speed.resolve_gemm("torch", "cpu", "fp32", shapes) == "torch"
     with pytest.raises(ValueError, match="off the CPU.*train.gemm=auto or torch"):
         speed.resolve_gemm("onednn", "cuda")
+    assert speed.resolve_gemm("auto", "cpu", "fp32", shapes, compile=True) == "torch"  # inductor: torch's
+    if speed.onednn_available():
+        with pytest.raises(ValueError, match="train.compile=true.*train.gemm=auto"):
+            speed.resolve_gemm("onednn", "cpu", "fp32", shapes, compile=True)
+    with pytest.raises(Exception, match="train.gemm=onednn cannot be compiled"):  # refused at load, not after
+        load_config(None, ["train.gemm=onednn", "train.compile=true"], use_env=False)
     if not speed.onednn_available():
         assert speed.resolve_gemm("auto", "cpu", "fp32", shapes) == "torch"
         return
@@ -235,3 +241,13 @@ def test_gemm_auto_is_measured_here_cached_and_only_for_fp32_on_the_cpu(tmp_path
         assert again["source"] == "cache" and again["choice"] == first["choice"]
     monkeypatch.setattr(speed, "measure_gemm_choice", lambda shapes, fingerprint=None: {"choice": "onednn"})
     assert speed.resolve_gemm("auto", "cpu", "fp32", shapes, "x") == "onednn"
+
+
+def test_compile_runs_the_fused_lora_layers_and_keeps_the_loss_curve(tmp_path, monkeypatch):
+    """train.compile=true over the default step (fused LoRA layers; gemm=auto picks torch's GEMMs, which
+    inductor can lower): the same losses as eager to float noise."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    base, _ = _losses(tmp_path, "eager")
+    compiled, info = _losses(tmp_path, "compiled", **{"train.compile": "true"})
+    assert info["compiled"] and info["gemm"] == "torch" and info["fused_lora_layers"] > 0
+    assert compiled == pytest.approx(base, rel=3e-4)

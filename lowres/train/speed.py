@@ -185,15 +185,20 @@ def fuse_lora(model: Any, gemm: str = "torch") -> int:
 
 
 def resolve_gemm(gemm: str, device: str = "cpu", compute: str = "fp32",
-                 shapes: list[tuple[int, int, int]] | None = None, fingerprint: str | None = None) -> str:
+                 shapes: list[tuple[int, int, int]] | None = None, fingerprint: str | None = None,
+                 compile: bool = False) -> str:
     """``train.gemm`` as it will run. ``auto``: torch off the CPU, outside fp32 (bf16 GEMMs are oneDNN's in
-    torch already) and where torch has no oneDNN; otherwise whichever of the two measured faster on this
-    machine over the model's GEMM ``shapes`` (``measure_gemm_choice``, cached beside the roofline). An explicit
-    onednn where it cannot run is an error that says what to do."""
+    torch already), under ``train.compile`` (inductor cannot lower oneDNN's op on unpacked weights) and where
+    torch has no oneDNN; otherwise whichever of the two measured faster on this machine over the model's GEMM
+    ``shapes`` (``measure_gemm_choice``, cached beside the roofline). An explicit onednn where it cannot run
+    is an error that says what to do."""
     if gemm == "auto":
-        if device != "cpu" or compute != "fp32" or not onednn_available() or not shapes:
+        if device != "cpu" or compute != "fp32" or compile or not onednn_available() or not shapes:
             return "torch"
         return measure_gemm_choice(shapes, fingerprint=fingerprint)["choice"]
+    if gemm == "onednn" and compile:
+        raise ValueError("train.gemm=onednn with train.compile=true: inductor cannot compile oneDNN's GEMM on "
+                         "unpacked weights; use train.gemm=auto (torch's GEMMs when compiling) or torch")
     if gemm == "onednn" and not (device == "cpu" and onednn_available()):
         where = "off the CPU" if device != "cpu" else "with this torch build (torch.backends.mkldnn is not available)"
         raise ValueError(f"train.gemm=onednn: oneDNN's GEMMs cannot run {where}; use train.gemm=auto or torch")
