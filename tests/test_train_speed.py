@@ -24,6 +24,7 @@ def _cache(tmp_path_factory, monkeypatch):
 def test_op_families_by_name_and_phase():
     assert family_of("aten::mm", False) == "matmul" and family_of("aten::addmm", False) == "matmul"
     assert family_of("mkldnn::_linear_pointwise", False) == "matmul"  # train.gemm=onednn's GEMMs
+    assert family_of("aten::addmm_", False) == "matmul"  # fused LoRA's rank-r term, added in place
     assert family_of("aten::_scaled_dot_product_flash_attention_for_cpu", False) == "attention"
     assert family_of("aten::_softmax", False) == "attention"
     assert family_of("aten::mul", False) == "norm/element-wise" and family_of("aten::copy_", False) == "norm/element-wise"

@@ -30,7 +30,7 @@ OPTIMIZER_MARK = "lowres.optimizer"  # the record_function label of the recipe's
 TRACE_NAME = "torch_trace.json.gz"
 TABLE_NAME = "op_profile.json"
 
-_MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addmv", "mv", "dot", "addbmm", "einsum",
+_MATMUL = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear", "addmv", "mv", "dot", "addbmm", "einsum",
            "_addmm_activation", "mkldnn_linear", "_mkldnn_linear", "mkldnn_matmul", "_weight_int4pack_mm",
            "_weight_int8pack_mm"}
 _ONEDNN_MATMUL = {"_linear_pointwise", "_linear_pointwise_binary"}
