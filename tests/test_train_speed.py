@@ -174,7 +174,7 @@ def test_fused_lora_matches_peft_values_and_gradients(gemm):
 
 
 def test_fused_lora_falls_back_to_peft_where_it_does_not_apply():
-    """Dropout, autocast and a disabled adapter keep peft's own forward (and its results)."""
+    """Dropout, autocast, fp16 and a disabled adapter keep peft's own forward (and its results)."""
     import torch
 
     ref_layer, fused, _ = _peft_linear(torch.float32, False, dropout=0.1)
@@ -188,6 +188,8 @@ def test_fused_lora_falls_back_to_peft_where_it_does_not_apply():
     assert "_LoraLinearBackward" in _nodes(layer(x).grad_fn)  # outside autocast, the same layer is fused
     with fused.disable_adapter():
         assert torch.equal(layer(x), layer.base_layer(x))
+    _, fp16, _ = _peft_linear(torch.float16, False)  # fp16: peft keeps the adapter's gradients in fp32
+    assert "_LoraLinearBackward" not in _nodes(fp16.base_model.model[0](x.half().requires_grad_(True)).grad_fn)
 
 
 def test_onednn_head_matches_torch_values_and_gradients():

@@ -215,9 +215,11 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     memory["quantize_load"] = M.quantize_load_bytes(spec, e, cand.quant)
     memory["dequant_scratch"] = M.dequant_scratch_bytes(spec, e, cand.quant)
     memory.update(M.lora_state_bytes(lora_n, cand.optimizer))
+    # lowres.train.speed's Function runs fp32/bf16 LoRA layers over a plain base; peft's forward the rest
+    fused = cand.fused_lora and cand.quant == "none" and compute != "fp16"
     memory["activations"] = M.activation_bytes(spec, e, cand.lora_rank, cand.lora_targets, cand.batch_size,
                                                cand.seq_len, cand.gradient_checkpointing,
-                                               cand.fused_lora and cand.quant == "none")
+                                               fused)
     memory["logits"] = M.logits_bytes(spec, e, cand.batch_size, cand.seq_len, cand.loss_chunk_tokens)
     live = sum(memory.values())
     # Only transient tensors (activations, logits, gradients, dequant scratch) churn through the allocator;
@@ -243,7 +245,7 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
         from lowres.advisor.arch import graph_ops, targeted
 
         n_ops = 2 * graph_ops(spec, compute, cand.lora_rank, cand.lora_targets, cand.seq_len,
-                              cand.fused_lora and cand.quant == "none")
+                              fused)
         lora_tensors = 2 * sum(len(layer) for layer in targeted(arch, cand.lora_targets))
         act = memory["activations"] * (1.5 if cand.gradient_checkpointing else 1.0)
         machine = C.machine_step_seconds(spec, compute, tokens, cand.seq_len, flops, act,

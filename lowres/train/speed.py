@@ -10,10 +10,10 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
   (the model's own matmul-softmax-matmul).
 * ``fused_lora``: each LoRA linear as one autograd Function (``LoraLinearFunction``): the frozen GEMM with
   ``scaling · (x Aᵀ) Bᵀ`` added into its output in place, and a backward of the same GEMMs as autograd's through
-  peft, without peft's multiply, add and copies over the whole [tokens × out] output. In 16-bit compute it
+  peft, without peft's multiply, add and copies over the whole [tokens × out] output. In bf16 compute it
   also keeps the adapter's GEMMs in the compute dtype (peft casts every LoRA layer's input to fp32). Falls back
-  to peft's forward for anything else (dropout, DoRA, several adapters, a quantized base, autocast, a disabled
-  or merged adapter).
+  to peft's forward for anything else (dropout, DoRA, several adapters, a quantized base, autocast, fp16, a
+  disabled or merged adapter).
 * ``gemm``: ``onednn`` runs the frozen fp32 GEMMs — each LoRA layer's base projection and the LM head, forward
   and the input gradient backward — through oneDNN's JIT kernels (``torch.ops.mkldnn._linear_pointwise``, on
   the weights as they are: no packed copy, no extra memory) instead of torch's BLAS (MKL's sgemm in the
@@ -75,7 +75,7 @@ class LoraLinearFunction:
     Backward: ``dh = s · g B``, ``dB = s · gᵀ h``, ``dA = dhᵀ x`` and ``dx = g W + dh A`` (the rank-r term added
     in place into the frozen GEMM's result) — the GEMMs autograd would run through peft's graph, less its
     element-wise passes over [tokens × out], and no input gradient where none is wanted (the first layer).
-    In 16-bit compute the fp32 adapter weights are cast to the compute dtype (r × (in + out) elements) rather
+    In bf16 compute the fp32 adapter weights are cast to the compute dtype (r × (in + out) elements) rather
     than, as peft does, the [tokens × in] activations to fp32: the adapter's GEMMs run in bf16 with fp32
     accumulation, as under autocast, and the layer saves its bf16 input, not an fp32 copy of it."""
 
@@ -145,9 +145,10 @@ def _autocast_on(device_type: str) -> bool:
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
-    """peft lora.Linear's forward for one plain adapter through ``LoraLinearFunction``; peft's own for anything
-    else (dropout, DoRA and other variants, several adapters, a quantized or trainable base, autocast, a
-    disabled or merged adapter)."""
+    """peft lora.Linear's forward for one plain adapter in fp32 or bf16 through ``LoraLinearFunction``; peft's
+    own for anything else (dropout, DoRA and other variants, several adapters, a quantized or trainable base,
+    autocast, a disabled or merged adapter, fp16 — whose adapter gradients peft keeps in fp32, out of fp16's
+    narrow range)."""
     import torch
 
     names = self.active_adapters
@@ -157,7 +158,7 @@ def _fused_lora_forward(self, x, *args, **kwargs):
             or name in self.lora_variant or type(self.lora_dropout[name]) is not torch.nn.Identity
             or type(base) is not torch.nn.Linear or self.lora_B[name].bias is not None
             or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
-            or x.dtype != base.weight.dtype or not x.dtype.is_floating_point
+            or x.dtype != base.weight.dtype or x.dtype not in (torch.float32, torch.bfloat16)
             or _autocast_on(x.device.type)):
         return self._lowres_peft_forward(x, *args, **kwargs)
     x2 = x.reshape(-1, x.shape[-1])
