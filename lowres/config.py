@@ -104,9 +104,10 @@ class TrainConfig(_Section):
                              "false = peft's own forward; see lowres.train.speed")
     gemm: Literal["auto", "torch", "onednn"] = Field("auto", description="the frozen base projections' and LM "
                                                      "head's fp32 GEMMs: torch (its BLAS, MKL), onednn (oneDNN's "
-                                                     "JIT kernels, forward and input gradient) or auto (onednn on "
-                                                     "a CPU where torch has oneDNN, else torch); onednn implies "
-                                                     "fused_lora; see lowres.train.speed")
+                                                     "JIT kernels, forward and input gradient) or auto (whichever "
+                                                     "of the two times faster here on the model's shapes, fp32 on "
+                                                     "the CPU; else torch); onednn implies fused_lora; see "
+                                                     "lowres.train.speed")
     profile_steps: int = Field(0, ge=0, description="optimizer steps traced by torch.profiler right after the "
                                "warm-up steps: torch_trace.json.gz and op_profile.json (time by op family) in "
                                "output_dir; 0 = none")

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from lowres.train.roofline_cache import read_cache, write_cache, cache_key, cache_path, gemm_shapes  # noqa: F401
+from lowres.train.roofline_cache import (  # noqa: F401
+    cache_key, cache_path, gemm_shapes, keep_if_quiet, read_cache, write_cache)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -120,16 +121,12 @@ def roofline(spec: Any, dtype: str, tokens: int, *, fingerprint: str | None = No
         hit = dict(cache[key], source="cache")
         hit["shapes"] = [tuple(s) for s in hit["shapes"]]
         return RooflineResult(**{k: v for k, v in hit.items() if k in RooflineResult.__dataclass_fields__})
-    from lowres.advisor.calibrate import BUSY_LOAD_PER_CPU, machine_load
+    from lowres.advisor.calibrate import machine_load
 
     before = machine_load()
     result = RooflineResult(flops_per_s=measure_gemm_flops(shapes, dtype, device, budget_s), dtype=dtype,
                             threads=threads, shapes=shapes, source="measured", measured_at=time.time())
-    load = machine_load()
-    # a peak measured while others held the cores would poison every later estimate: used now, not kept
-    if max(before.get("load_per_cpu", 0.0), load.get("load_per_cpu", 0.0)) <= BUSY_LOAD_PER_CPU or device != "cpu":
-        cache[key] = {**asdict(result), "load": load}
-        write_cache(path, cache)
+    keep_if_quiet(path, key, asdict(result), before, always=device != "cpu")
     return result
 
 

@@ -123,14 +123,11 @@ class Recipe:
 
         from lowres.train.roofline_cache import gemm_shapes
 
-        if (cfg.train.gemm == "auto" and self.device == "cpu" and self.precision.compute_dtype == "fp32"
-                and not cfg.train.compile):
-            self._say("setup: torch's GEMMs or oneDNN's, whichever is faster here (measured once, then cached) …")
         # train.gemm resolved: auto → onednn or torch, as measured on this machine for these shapes
         self.gemm = speed.resolve_gemm(cfg.train.gemm, "cuda" if self.device.startswith("cuda") else "cpu",
                                        self.precision.compute_dtype,
                                        gemm_shapes(self.loc.spec, cfg.train.batch_size * cfg.data.max_length),
-                                       self.hw.fingerprint, cfg.train.compile)
+                                       self.hw.fingerprint, cfg.train.compile, say=self._say)
         speed_info = speed.apply(self.model, cfg.train, self.gemm)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)

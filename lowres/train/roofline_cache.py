@@ -46,3 +46,16 @@ def write_cache(path: Path, cache: dict) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(cache, indent=1))
     os.replace(tmp, path)  # atomic: two runs measuring at once never leave half a file
+
+
+def keep_if_quiet(path: Path, key: str, value: dict, before: dict, *, always: bool = False) -> None:
+    """Cache ``value`` under ``key`` unless the machine was busy when the measurement began (``before``, a
+    ``machine_load()``) or now: a peak measured while others held the cores would poison every later
+    estimate, so it is used by the caller but not kept. ``always``: keep it anyway (a GPU is not shared)."""
+    from lowres.advisor.calibrate import BUSY_LOAD_PER_CPU, machine_load
+
+    load = machine_load()
+    if always or max(before.get("load_per_cpu", 0.0), load.get("load_per_cpu", 0.0)) <= BUSY_LOAD_PER_CPU:
+        cache = read_cache(path)  # read again: another run may have written since
+        cache[key] = {**value, "load": load}
+        write_cache(path, cache)

@@ -126,7 +126,7 @@ def _build_lora_function():
             if want_a:
                 da = (dh.t() @ x2).to(lora_a.dtype)
             if want_x:
-                dx = base(g, weight.t(), None, ctx.gemm) if ctx.gemm == "onednn" else g @ weight
+                dx = base(g, weight.t(), None, ctx.gemm)  # g W
                 dx.addmm_(dh, a)
             return dx, None, None, da, db, None, None
 
@@ -187,15 +187,17 @@ def fuse_lora(model: Any, gemm: str = "torch") -> int:
 
 def resolve_gemm(gemm: str, device: str = "cpu", compute: str = "fp32",
                  shapes: list[tuple[int, int, int]] | None = None, fingerprint: str | None = None,
-                 compile: bool = False) -> str:
+                 compile: bool = False, say: Any = None) -> str:
     """``train.gemm`` as it will run. ``auto``: torch off the CPU, outside fp32 (bf16 GEMMs are oneDNN's in
     torch already), under ``train.compile`` (inductor cannot lower oneDNN's op on unpacked weights) and where
     torch has no oneDNN; otherwise whichever of the two measured faster on this machine over the model's GEMM
-    ``shapes`` (``measure_gemm_choice``, cached beside the roofline). An explicit onednn where it cannot run
-    is an error that says what to do."""
+    ``shapes`` (``measure_gemm_choice``, cached beside the roofline; ``say`` is told before it looks). An
+    explicit onednn where it cannot run is an error that says what to do."""
     if gemm == "auto":
         if device != "cpu" or compute != "fp32" or compile or not onednn_available() or not shapes:
             return "torch"
+        if say is not None:
+            say("setup: torch's GEMMs or oneDNN's, whichever is faster here (measured once, then cached) …")
         return measure_gemm_choice(shapes, fingerprint=fingerprint)["choice"]
     if gemm == "onednn" and compile:
         raise ValueError("train.gemm=onednn with train.compile=true: inductor cannot compile oneDNN's GEMM on "
@@ -221,9 +223,9 @@ def measure_gemm_choice(shapes: list[tuple[int, int, int]], *, fingerprint: str 
 
     import torch
 
-    from lowres.advisor.calibrate import BUSY_LOAD_PER_CPU, machine_load
+    from lowres.advisor.calibrate import machine_load
     from lowres.train.loss import onednn_linear
-    from lowres.train.roofline_cache import cache_key, cache_path, read_cache, write_cache
+    from lowres.train.roofline_cache import cache_key, cache_path, keep_if_quiet, read_cache
 
     if fingerprint is None:
         from lowres.hardware.detection import this_machine_fingerprint
@@ -235,8 +237,6 @@ def measure_gemm_choice(shapes: list[tuple[int, int, int]], *, fingerprint: str 
     if key in cache and cache[key].get("choice") in ("torch", "onednn"):
         return dict(cache[key], source="cache")
     before = machine_load()
-    best = {("torch", i): float("inf") for i in range(2 * len(shapes))}
-    best.update({("onednn", i): float("inf") for i in range(2 * len(shapes))})
     ops = []
     for m, k, n in shapes:
         # at most 512 rows and 4,096 output columns (the LM head): enough to rank the two libraries, and a
@@ -247,23 +247,20 @@ def measure_gemm_choice(shapes: list[tuple[int, int, int]], *, fingerprint: str 
         x, gy = torch.full((m, k), 0.5), torch.full((m, n), 0.5)
         ops.append(((lambda x=x, w=w: torch.nn.functional.linear(x, w)), (lambda x=x, w=w: onednn_linear(x, w))))
         ops.append(((lambda gy=gy, w=w: gy @ w), (lambda gy=gy, w=w: onednn_linear(gy, w.t()))))
-    for i, (a, b) in enumerate(ops):  # warm-up: packing buffers, JIT kernels, the thread pool
-        a(), b()
+    for pair in ops:  # warm-up: packing buffers, JIT kernels, the thread pool
+        for fn in pair:
+            fn()
+    best = [[float("inf")] * 2 for _ in ops]  # per op: [torch, onednn]
     for _ in range(reps):
-        for i, pair in enumerate(ops):
-            for lib, fn in zip(("torch", "onednn"), pair):
+        for op, pair in zip(best, ops):
+            for lib, fn in enumerate(pair):
                 t0 = time.perf_counter()
                 fn()
-                best[(lib, i)] = min(best[(lib, i)], time.perf_counter() - t0)
-    t_torch = sum(v for (lib, _), v in best.items() if lib == "torch")
-    t_onednn = sum(v for (lib, _), v in best.items() if lib == "onednn")
+                op[lib] = min(op[lib], time.perf_counter() - t0)
+    t_torch, t_onednn = sum(op[0] for op in best), sum(op[1] for op in best)
     out = {"choice": "onednn" if t_onednn <= GEMM_MARGIN * t_torch else "torch", "torch_s": t_torch,
            "onednn_s": t_onednn, "source": "measured", "measured_at": time.time()}
-    load = machine_load()
-    if max(before.get("load_per_cpu", 0.0), load.get("load_per_cpu", 0.0)) <= BUSY_LOAD_PER_CPU:
-        cache = read_cache(path)
-        cache[key] = {**out, "load": load}
-        write_cache(path, cache)
+    keep_if_quiet(path, key, out, before)
     return out
 
 
