@@ -154,10 +154,6 @@ class RunConfig(_Section):
         if self.precision.quant in ("int8", "nf4", "fp4") and self.precision.weights in ("fp32",):
             # quantized bases keep their non-quantized parts in the compute dtype; fp32 storage is fine too
             pass
-        if self.train.compile and self.train.gemm == "onednn":
-            raise ValueError("train.gemm=onednn cannot be compiled (train.compile=true): inductor cannot lower "
-                             "oneDNN's GEMM on unpacked weights; use train.gemm=auto (torch's GEMMs when "
-                             "compiling) or torch")
         return self
 
     def config_hash(self) -> str:

@@ -127,7 +127,7 @@ class Recipe:
         self.gemm = speed.resolve_gemm(cfg.train.gemm, "cuda" if self.device.startswith("cuda") else "cpu",
                                        self.precision.compute_dtype,
                                        gemm_shapes(self.loc.spec, cfg.train.batch_size * cfg.data.max_length),
-                                       self.hw.fingerprint, cfg.train.compile, say=self._say)
+                                       self.hw.fingerprint, say=self._say)
         speed_info = speed.apply(self.model, cfg.train, self.gemm)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)

@@ -6,6 +6,9 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
 * ``compile``: ``torch.compile`` of the decoder stack (CPU: the inductor backend, C++/OpenMP kernels). The
   first step pays the compilation; it is timed, reported as ``info["compile_seconds"]``, and its kernels are
   cached on disk (``$LOWRES_CACHE_DIR/inductor``), so a second run of the same shapes compiles much faster.
+  Fused LoRA layers reach inductor as two opaque library ops (``lowres::lora_linear`` and its backward), so
+  their GEMMs (oneDNN's too) and in-place adds run as they do eagerly while inductor fuses the norms, rotary
+  embedding, activation and residual adds between them.
 * ``attention``: ``sdpa`` (torch's scaled_dot_product_attention, a fused flash kernel on CPU) or ``eager``
   (the model's own matmul-softmax-matmul).
 * ``fused_lora``: each LoRA linear as one autograd Function (``LoraLinearFunction``): the frozen GEMM with
@@ -88,25 +91,89 @@ class LoraLinearFunction:
         return cls._fn.apply(x2, weight, bias, lora_a, lora_b, scaling, gemm)
 
 
-def _build_lora_function():
+def _lora_forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, gemm: str):
+    """(y, h): ``h = x Aᵀ``, ``y = x Wᵀ (+ b)`` through ``gemm``, then ``y += s · h Bᵀ`` in place."""
+    a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
+    h = x2 @ a.t()
+    y = _base_gemm(x2, weight, bias, gemm)
+    y.addmm_(h, b.t(), alpha=scaling)
+    return y, h
+
+
+def _lora_backward_impl(g, x2, weight, lora_a, lora_b, h, scaling: float, gemm: str,
+                        want_x: bool, want_a: bool, want_b: bool):
+    """(dx, dA, dB), each an empty tensor where it is not wanted (a fixed arity for the op schema)."""
+    a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
+    g = g.contiguous()
+    dh = (g @ b).mul_(scaling) if (want_x or want_a) else None
+    db = (h.t() @ g).mul_(scaling).t().contiguous().to(lora_b.dtype) if want_b else lora_b.new_empty((0,))
+    da = (dh.t() @ x2).to(lora_a.dtype) if want_a else lora_a.new_empty((0,))
+    if want_x:
+        dx = _base_gemm(g, weight.t(), None, gemm)  # g W
+        dx.addmm_(dh, a)
+    else:
+        dx = x2.new_empty((0,))
+    return dx, da, db
+
+
+def _base_gemm(x2, weight, bias, gemm: str):
     import torch
     import torch.nn.functional as F
 
-    from lowres.train.loss import onednn_linear
+    if (gemm == "onednn" and x2.dtype == torch.float32 and weight.dtype == torch.float32
+            and x2.device.type == "cpu"):
+        from lowres.train.loss import onednn_linear
 
-    def base(x2, weight, bias, gemm):
-        if (gemm == "onednn" and x2.dtype == torch.float32 and weight.dtype == torch.float32
-                and x2.device.type == "cpu"):
-            return onednn_linear(x2, weight, bias)
-        return F.linear(x2, weight, bias)
+        return onednn_linear(x2, weight, bias)
+    return F.linear(x2, weight, bias)
+
+
+_LIB = None
+
+
+def _lora_ops():
+    """The two halves of the LoRA linear as torch library ops (``lowres::lora_linear[_backward]``), defined once:
+    what ``torch.compile`` sees of a fused LoRA layer. Inductor calls them as opaque kernels — oneDNN's GEMMs
+    and the in-place adds stay as they run eagerly (not functionalized into copies) — and fuses everything
+    around them. Eagerly the same functions are called directly, without the dispatcher."""
+    global _LIB
+    import torch
+
+    if _LIB is None:
+        lib = torch.library.Library("lowres", "DEF")
+        lib.define("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, "
+                   "str gemm) -> (Tensor, Tensor)")
+        lib.define("lora_linear_backward(Tensor g, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor h, "
+                   "float scaling, str gemm, bool want_x, bool want_a, bool want_b) -> (Tensor, Tensor, Tensor)")
+        lib.impl("lora_linear", _lora_forward_impl, "CompositeExplicitAutograd")
+        lib.impl("lora_linear_backward", _lora_backward_impl, "CompositeExplicitAutograd")
+
+        def forward_fake(x2, weight, bias, lora_a, lora_b, scaling, gemm):
+            return x2.new_empty((x2.shape[0], weight.shape[0])), x2.new_empty((x2.shape[0], lora_a.shape[0]))
+
+        def backward_fake(g, x2, weight, lora_a, lora_b, h, scaling, gemm, want_x, want_a, want_b):
+            return (x2.new_empty(x2.shape if want_x else (0,)),
+                    lora_a.new_empty(lora_a.shape if want_a else (0,)),
+                    lora_b.new_empty(lora_b.shape if want_b else (0,)))
+
+        torch.library.register_fake("lowres::lora_linear", forward_fake, lib=lib)
+        torch.library.register_fake("lowres::lora_linear_backward", backward_fake, lib=lib)
+        _LIB = lib
+    return torch.ops.lowres
+
+
+def _build_lora_function():
+    import torch
+
+    ops = _lora_ops()
 
     class _LoraLinear(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x2, weight, bias, lora_a, lora_b, scaling, gemm):
-            a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
-            h = x2 @ a.t()
-            y = base(x2, weight, bias, gemm)
-            y.addmm_(h, b.t(), alpha=scaling)
+            if torch.compiler.is_compiling():
+                y, h = ops.lora_linear(x2, weight, bias, lora_a, lora_b, scaling, gemm)
+            else:
+                y, h = _lora_forward_impl(x2, weight, bias, lora_a, lora_b, scaling, gemm)
             # the parameters themselves, not their casts: backward casts again (r × (in + out) elements)
             ctx.save_for_backward(x2, weight, lora_a, lora_b, h)
             ctx.scaling, ctx.gemm = scaling, gemm
@@ -115,20 +182,14 @@ def _build_lora_function():
         @staticmethod
         def backward(ctx, g):
             x2, weight, lora_a, lora_b, h = ctx.saved_tensors
-            a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
-            s = ctx.scaling
-            g = g.contiguous()
-            want_x, want_a, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-            dx = da = db = None
-            dh = (g @ b).mul_(s) if (want_x or want_a) else None
-            if want_b:
-                db = (h.t() @ g).t().mul_(s).to(lora_b.dtype)
-            if want_a:
-                da = (dh.t() @ x2).to(lora_a.dtype)
-            if want_x:
-                dx = base(g, weight.t(), None, ctx.gemm)  # g W
-                dx.addmm_(dh, a)
-            return dx, None, None, da, db, None, None
+            want = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+            args = (g, x2, weight, lora_a, lora_b, h, ctx.scaling, ctx.gemm, *want)
+            if torch.compiler.is_compiling():
+                dx, da, db = ops.lora_linear_backward(*args)
+            else:
+                dx, da, db = _lora_backward_impl(*args)
+            return (dx if want[0] else None), None, None, (da if want[1] else None), (db if want[2] else None), \
+                None, None
 
     return _LoraLinear
 
@@ -187,21 +248,17 @@ def fuse_lora(model: Any, gemm: str = "torch") -> int:
 
 def resolve_gemm(gemm: str, device: str = "cpu", compute: str = "fp32",
                  shapes: list[tuple[int, int, int]] | None = None, fingerprint: str | None = None,
-                 compile: bool = False, say: Any = None) -> str:
+                 say: Any = None) -> str:
     """``train.gemm`` as it will run. ``auto``: torch off the CPU, outside fp32 (bf16 GEMMs are oneDNN's in
-    torch already), under ``train.compile`` (inductor cannot lower oneDNN's op on unpacked weights) and where
-    torch has no oneDNN; otherwise whichever of the two measured faster on this machine over the model's GEMM
+    torch already) and where torch has no oneDNN; otherwise whichever of the two measured faster on this machine over the model's GEMM
     ``shapes`` (``measure_gemm_choice``, cached beside the roofline; ``say`` is told before it looks). An
     explicit onednn where it cannot run is an error that says what to do."""
     if gemm == "auto":
-        if device != "cpu" or compute != "fp32" or compile or not onednn_available() or not shapes:
+        if device != "cpu" or compute != "fp32" or not onednn_available() or not shapes:
             return "torch"
         if say is not None:
             say("setup: torch's GEMMs or oneDNN's, whichever is faster here (measured once, then cached) …")
         return measure_gemm_choice(shapes, fingerprint=fingerprint)["choice"]
-    if gemm == "onednn" and compile:
-        raise ValueError("train.gemm=onednn with train.compile=true: inductor cannot compile oneDNN's GEMM on "
-                         "unpacked weights; use train.gemm=auto (torch's GEMMs when compiling) or torch")
     if gemm == "onednn" and not (device == "cpu" and onednn_available()):
         where = "off the CPU" if device != "cpu" else "with this torch build (torch.backends.mkldnn is not available)"
         raise ValueError(f"train.gemm=onednn: oneDNN's GEMMs cannot run {where}; use train.gemm=auto or torch")
