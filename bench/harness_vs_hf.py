@@ -88,9 +88,12 @@ def lowres_config(args, out: Path, compute: str, extra: list[str] = ()):
 
 def first_forward_probe(model):
     """Record (sha1 of the token ids, tokens) of the first forward through the input embedding."""
+    import torch
+
     seen: dict = {}
     emb = model.get_input_embeddings()
 
+    @torch.compiler.disable  # hashing is not traceable: under train.compile it runs eagerly, outside the graph
     def hook(_module, inputs):
         if not seen:
             ids = inputs[0].detach().cpu().contiguous()
