@@ -97,7 +97,10 @@ class TrainConfig(_Section):
                                "skipped before the run stops with an error; 0 = stop at the first")
     compile: bool = Field(False, description="torch.compile the decoder (CPU: inductor); the first step "
                           "compiles (timed, cached on disk); see lowres.train.speed")
-    attention: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel: sdpa (fused) or eager")
+    attention: Literal["auto", "sdpa", "bmm", "eager"] = Field(
+        "auto", description="attention kernel: sdpa (torch's fused flash kernel), bmm (three batched GEMMs, the "
+        "probabilities saved: faster for short bf16 sequences on a CPU, s² memory), eager (the model's own), or "
+        "auto (bmm on the CPU in bf16 up to 512 tokens a sequence, else sdpa); see lowres.train.attention")
     optimizer_impl: Literal["fused", "foreach", "loop"] = Field("fused", description="AdamW implementation")
     fused_lora: bool = Field(True, description="each LoRA linear as one autograd Function (the frozen GEMM with "
                              "the rank-r term added in place; no separate scale, add and copies over the output); "
@@ -163,9 +166,11 @@ class RunConfig(_Section):
         d.pop("tracking", None)
         d["train"].pop("max_bad_steps", None)  # a guard: it changes no result of a run that trains
         d["train"].pop("profile_steps", None)  # a trace of a few steps: it changes no result either
-        for key, default in (("compile", False), ("attention", "sdpa"), ("optimizer_impl", "fused")):
+        for key, default in (("compile", False), ("optimizer_impl", "fused")):
             if d["train"].get(key) == default:  # speed options at their defaults: older runs' hashes hold
                 d["train"].pop(key, None)
+        if d["train"].get("attention") in ("auto", "sdpa", "bmm"):  # the same attention, another kernel (tested)
+            d["train"].pop("attention", None)
         for key in ("fused_lora", "gemm"):  # the same products in another order (tested): results hold; and
             d["train"].pop(key, None)       # runs from before their defaults changed keep their hashes
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

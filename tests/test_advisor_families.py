@@ -61,13 +61,15 @@ def test_parameter_groups_are_those_of_the_real_model(name):
     assert len(arch.layers) == TINY[name]["num_hidden_layers"]
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_lora", "peft"])
+@pytest.mark.parametrize("fused,attention", [(True, "sdpa"), (False, "sdpa"), (True, "bmm")],
+                         ids=["fused_lora", "peft", "fused_lora-bmm"])
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute, fused):
+def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute, fused, attention):
     """The trace runs on the meta device with a stand-in for fused SDPA; the real model runs on the CPU with
-    the real kernels, its LoRA linears as the recipe runs them (train.fused_lora) or peft's own. Bytes saved
-    per token, first layer and each further layer, must agree."""
+    the real kernels, its LoRA linears as the recipe runs them (train.fused_lora) or peft's own, its attention
+    torch's SDPA or lowres' bmm kernel (train.attention). Bytes saved per token, first layer and each further
+    layer, must agree."""
     torch = pytest.importorskip("torch")
     from peft import LoraConfig, get_peft_model
 
@@ -79,6 +81,10 @@ def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute,
         torch.manual_seed(0)
         model = _real_model(TINY[name], layers, dtype)
         model.config.use_cache = False
+        if attention != "sdpa":
+            from lowres.train.speed import set_attention
+
+            set_attention(model, attention)
         for p in model.parameters():
             p.requires_grad_(False)
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -100,7 +106,7 @@ def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute,
             model.get_base_model().get_decoder()(input_ids=torch.randint(0, 300, (1, s)))
         return sum(seen.values()) / s
 
-    first, per_layer = activation_trace(spec, compute, 4, "all_linear", s, fused)
+    first, per_layer = activation_trace(spec, compute, 4, "all_linear", s, fused, attention)
     assert first == pytest.approx(saved(1), rel=0.03)
     assert per_layer == pytest.approx(saved(2) - saved(1), rel=0.03)
 

@@ -126,12 +126,13 @@ def test_bf16_is_flagged_only_where_it_is_emulated(spec, laptop):
     assert not estimate(spec, load_profile("laptop-16g-avx512bf16"), Candidate(compute="bf16")).slow_precision
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_lora", "peft"])
+@pytest.mark.parametrize("fused,attention", [(True, "sdpa"), (False, "sdpa"), (True, "bmm")],
+                         ids=["fused_lora", "peft", "fused_lora-bmm"])
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
-def test_activation_formula_matches_what_autograd_saves(compute, fused):
+def test_activation_formula_matches_what_autograd_saves(compute, fused, attention):
     """Count the bytes autograd saves in a tiny random Llama with LoRA (parameters excluded), for 2 and 3
-    layers, its LoRA linears as the recipe runs them (train.fused_lora) or peft's own; the difference per
-    token is one layer's activations, which the formula must give."""
+    layers, its LoRA linears as the recipe runs them (train.fused_lora) or peft's own, its attention SDPA or
+    lowres' bmm kernel; the difference per token is one layer's activations, which the formula must give."""
     torch = pytest.importorskip("torch")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -144,8 +145,12 @@ def test_activation_formula_matches_what_autograd_saves(compute, fused):
     def saved_per_token(layers: int) -> float:
         cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
-        model = get_peft_model(AutoModelForCausalLM.from_config(cfg, dtype=dtype),
-                               LoraConfig(r=4, target_modules=targets))
+        base = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        if attention != "sdpa":
+            from lowres.train.speed import set_attention
+
+            set_attention(base, attention)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=targets))
         if fused:
             from lowres.train.speed import fuse_lora
 
@@ -165,7 +170,8 @@ def test_activation_formula_matches_what_autograd_saves(compute, fused):
 
     from types import SimpleNamespace
     shape = SimpleNamespace(hidden_size=64, intermediate_size=160, num_heads=4, num_kv_heads=2, head_dim=16)
-    predicted = M.activation_bytes_per_token_per_layer(shape, M.DTYPE_BYTES[compute], 4, M.PROJECTIONS, fused)
+    predicted = M.activation_bytes_per_token_per_layer(shape, M.DTYPE_BYTES[compute], 4, M.PROJECTIONS, fused,
+                                                       attention, s)
     assert saved_per_token(3) - saved_per_token(2) == pytest.approx(predicted, rel=0.02)
 
 

@@ -262,10 +262,12 @@ def measure_op_seconds(budget_s: float = 1.0, chain: int = 200) -> float:
 
 
 def measure_attention_flops(heads: int, kv_heads: int, head_dim: int, seq_len: int, dtype: str,
-                            budget_s: float = 1.5) -> float | None:
-    """FLOP/s of causal SDPA forward + backward at the run's length, one sequence, in the units of
-    lowres.advisor.compute (12·s²·heads·d per sequence and layer: 4 forward, 8 backward, no causal halving).
-    Long sequences are timed at a shorter length that fits the budget (attention's rate changes little)."""
+                            budget_s: float = 1.5, impl: str = "sdpa") -> float | None:
+    """FLOP/s of causal attention forward + backward at the run's length, one sequence, in the units of
+    lowres.advisor.compute (12·s²·heads·d per sequence and layer: 4 forward, 8 backward, no causal halving):
+    torch's SDPA, or with ``impl="bmm"`` lowres.train.attention's kernel (what ``train.attention=auto`` runs
+    for short bf16 sequences on the CPU). Long sequences are timed at a shorter length that fits the budget
+    (attention's rate changes little)."""
     import torch
     import torch.nn.functional as F
 
@@ -277,9 +279,16 @@ def measure_attention_flops(heads: int, kv_heads: int, head_dim: int, seq_len: i
     k = torch.randn(1, kv_heads, s, head_dim, dtype=dt, requires_grad=True)
     v = torch.randn(1, kv_heads, s, head_dim, dtype=dt, requires_grad=True)
     gqa = {"enable_gqa": True} if heads != kv_heads else {}
+    if impl == "bmm":
+        from lowres.train.attention import _additive_mask, _function
 
-    def run():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa).float().sum().backward()
+        mask = _additive_mask(None, 1, heads, kv_heads, s, dt, "cpu")
+
+        def run():
+            _function().apply(q, k, v, mask, head_dim ** -0.5).float().sum().backward()
+    else:
+        def run():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa).float().sum().backward()
 
     try:
         return 12.0 * s * s * heads * head_dim / _best_within(run, budget_s)
@@ -371,8 +380,13 @@ def machine_model(fingerprint: str, spec: Any, seq_len: int, dtypes: tuple[str, 
     data = _read()
     key = f"{fingerprint}|machine"
     entry = data.get(key) or {}
-    s_key = f"attention|{spec.num_heads}x{spec.num_kv_heads}x{spec.head_dim}|s{_length_bucket(seq_len)}"
-    wanted = [f"elementwise|{dt}" for dt in dtypes] + ["op_seconds"] + [f"{s_key}|{dt}" for dt in dtypes]
+    from lowres.train.attention import resolve_attention
+
+    # the attention kernel train.attention=auto runs at this length, per dtype (bmm keyed apart from sdpa)
+    impl = {dt: resolve_attention("auto", "cpu", dt, seq_len) for dt in dtypes}
+    s_key = f"{spec.num_heads}x{spec.num_kv_heads}x{spec.head_dim}|s{_length_bucket(seq_len)}"
+    a_key = {dt: ("attention-bmm" if impl[dt] == "bmm" else "attention") + f"|{s_key}|{dt}" for dt in dtypes}
+    wanted = [f"elementwise|{dt}" for dt in dtypes] + ["op_seconds"] + [a_key[dt] for dt in dtypes]
     missing = [k for k in wanted if k not in entry]
     fresh: dict[str, Any] = {}
     if missing and measure:
@@ -390,7 +404,7 @@ def machine_model(fingerprint: str, spec: Any, seq_len: int, dtypes: tuple[str, 
                 value = measure_op_seconds()
             else:
                 value = measure_attention_flops(spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                                _length_bucket(seq_len), rest[-1])
+                                                _length_bucket(seq_len), rest[-1], impl=impl[rest[-1]])
             fresh[k] = {"value": value, "measured_at": time.time(), **machine_load()}
         busy = max(before.get("load_per_cpu", 0.0), *(v.get("load_per_cpu", 0.0) for v in fresh.values()))
         if busy <= BUSY_LOAD_PER_CPU:
@@ -402,8 +416,8 @@ def machine_model(fingerprint: str, spec: Any, seq_len: int, dtypes: tuple[str, 
         "elementwise_bytes_s": {dt: merged[f"elementwise|{dt}"]["value"] for dt in dtypes
                                 if f"elementwise|{dt}" in merged} or None,
         "op_seconds": (merged.get("op_seconds") or {}).get("value"),
-        "attention_flops_s": {dt: merged[f"{s_key}|{dt}"]["value"] for dt in dtypes
-                              if (merged.get(f"{s_key}|{dt}") or {}).get("value")} or None,
+        "attention_flops_s": {dt: merged[a_key[dt]]["value"] for dt in dtypes
+                              if (merged.get(a_key[dt]) or {}).get("value")} or None,
     }
 
 

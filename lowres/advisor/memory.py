@@ -198,7 +198,8 @@ def lora_state_bytes(n_params: int, optimizer: str = "adamw") -> dict[str, float
 
 
 def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: tuple[str, ...],
-                                         fused_lora: bool = True) -> float:
+                                         fused_lora: bool = True, attention: str = "sdpa",
+                                         seq_len: int = 0) -> float:
     """Bytes one decoder layer saves for backward, per token, with a frozen base and LoRA adapters.
 
     Adapted from Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
@@ -217,6 +218,8 @@ def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: 
     With ``fused_lora`` (the recipe's default, lowres.train.speed) the layers save their input as it is, in
     the compute dtype, shared as in fp32 above, and A's output in the compute dtype: in·e per input group and
     r·e per target.
+    With ``attention="bmm"`` (lowres.train.attention) the attention saves q, k, v and its probabilities —
+    heads·s elements per token — instead of the logsumexp (its output is o's saved input either way).
     Checked against the tensors autograd saves (saved_tensors_hooks, torch 2.13 CPU, transformers 5.23,
     peft 0.21, SmolLM2-135M shapes, fp32/bf16, attention and attention_mlp targets): equal to within 0.1 %.
     """
@@ -224,7 +227,10 @@ def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: 
     shapes = linear_shapes(spec)
     total = 2 * h * 4.0                      # RMSNorm inputs, fp32
     q_out, kv_out = shapes["q"][1], shapes["k"][1]
-    total += (2 * q_out + 2 * kv_out) * e + 4 * a + 8     # SDPA: q, k, v, output; logsumexp
+    if attention == "bmm":  # q, k, v, the output (o's input); the probabilities
+        total += (2 * q_out + 2 * kv_out) * e + a * seq_len * e + 8
+    else:
+        total += (2 * q_out + 2 * kv_out) * e + 4 * a + 8     # SDPA: q, k, v, output; logsumexp
     total += 3 * i * e                       # SwiGLU: gate out, SiLU out, up out
     groups = (("q", "k", "v"), ("gate", "up"), ("down",))
     if fused_lora:
@@ -239,7 +245,7 @@ def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: 
 
 
 def activation_bytes(spec: Any, e: int, rank: int, targets: tuple[str, ...], batch_size: int, seq_len: int,
-                     gradient_checkpointing: bool, fused_lora: bool = True) -> float:
+                     gradient_checkpointing: bool, fused_lora: bool = True, attention: str = "sdpa") -> float:
     """Activations alive at the start of backward, for b·s tokens.
 
     Without checkpointing: L layers' saved tensors (see ``activation_bytes_per_token_per_layer``) plus one
@@ -255,14 +261,14 @@ def activation_bytes(spec: Any, e: int, rank: int, targets: tuple[str, ...], bat
         from lowres.advisor.arch import activation_trace
 
         compute = {4: "fp32", 2: "bf16"}[e]
-        first, per_layer = activation_trace(spec, compute, rank, targets, seq_len, fused_lora)
+        first, per_layer = activation_trace(spec, compute, rank, targets, seq_len, fused_lora, attention)
         if gradient_checkpointing:
             per_token = spec.num_layers * spec.hidden_size * e + 2 * per_layer + spec.hidden_size * 4.0
         else:
             per_token = first + (spec.num_layers - 1) * per_layer + per_layer
         return tokens * per_token
     targets = resolve_targets(targets) if isinstance(targets, str) else targets
-    per_layer = activation_bytes_per_token_per_layer(spec, e, rank, targets, fused_lora)
+    per_layer = activation_bytes_per_token_per_layer(spec, e, rank, targets, fused_lora, attention, seq_len)
     final = spec.hidden_size * 4.0
     if gradient_checkpointing:
         per_token = spec.num_layers * spec.hidden_size * e + 2 * per_layer + final

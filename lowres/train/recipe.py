@@ -128,7 +128,11 @@ class Recipe:
                                        self.precision.compute_dtype,
                                        gemm_shapes(self.loc.spec, cfg.train.batch_size * cfg.data.max_length),
                                        self.hw.fingerprint, say=self._say)
-        speed_info = speed.apply(self.model, cfg.train, self.gemm)
+        from lowres.train.attention import resolve_attention
+
+        attention = resolve_attention(cfg.train.attention, "cuda" if self.device.startswith("cuda") else "cpu",
+                                      self.precision.compute_dtype, cfg.data.max_length)
+        speed_info = speed.apply(self.model, cfg.train, self.gemm, attention)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)

@@ -9,8 +9,10 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
   Fused LoRA layers reach inductor as two opaque library ops (``lowres::lora_linear`` and its backward), so
   their GEMMs (oneDNN's too) and in-place adds run as they do eagerly while inductor fuses the norms, rotary
   embedding, activation and residual adds between them.
-* ``attention``: ``sdpa`` (torch's scaled_dot_product_attention, a fused flash kernel on CPU) or ``eager``
-  (the model's own matmul-softmax-matmul).
+* ``attention``: ``sdpa`` (torch's scaled_dot_product_attention, a fused flash kernel on CPU), ``bmm``
+  (lowres.train.attention: three batched GEMMs with the probabilities saved — faster for short bf16
+  sequences on a CPU), ``eager`` (the model's own matmul-softmax-matmul) or ``auto`` (resolved by the recipe:
+  ``lowres.train.attention.resolve_attention``).
 * ``fused_lora``: each LoRA linear as one autograd Function (``LoraLinearFunction``): the frozen GEMM with
   ``scaling · (x Aᵀ) Bᵀ`` added into its output in place, and a backward of the same GEMMs as autograd's through
   peft, without peft's multiply, add and copies over the whole [tokens × out] output. In bf16 compute it
@@ -40,7 +42,12 @@ def inductor_cache_dir() -> str:
 
 
 def set_attention(model: Any, impl: str) -> None:
-    """Switch the (peft-wrapped) model's attention implementation to ``impl`` (sdpa or eager)."""
+    """Switch the (peft-wrapped) model's attention implementation to ``impl`` (sdpa, eager, or bmm:
+    lowres.train.attention, registered with transformers on first use)."""
+    if impl == "bmm":
+        from lowres.train.attention import register
+
+        impl = register()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "_attn_implementation", None) == impl:
         return
@@ -321,14 +328,15 @@ def measure_gemm_choice(shapes: list[tuple[int, int, int]], *, fingerprint: str 
     return out
 
 
-def apply(model: Any, train_cfg: Any, gemm: str = "torch") -> dict:
-    """Apply ``train.attention``, ``train.fused_lora``/``gemm`` (already resolved: ``resolve_gemm``) and
-    ``train.compile`` to a loaded model (compile last: it traces what the others set up); what was done, for
-    the run's info."""
-    set_attention(model, train_cfg.attention)
+def apply(model: Any, train_cfg: Any, gemm: str = "torch", attention: str | None = None) -> dict:
+    """Apply ``train.attention`` (``attention``: as resolved, ``resolve_attention``), ``train.fused_lora``/
+    ``gemm`` (already resolved: ``resolve_gemm``) and ``train.compile`` to a loaded model (compile last: it
+    traces what the others set up); what was done, for the run's info."""
+    attention = attention or ("sdpa" if train_cfg.attention == "auto" else train_cfg.attention)
+    set_attention(model, attention)
     fused = fuse_lora(model, gemm) if getattr(train_cfg, "fused_lora", False) or gemm == "onednn" else 0
     compiled = compile_decoder(model) if train_cfg.compile else False
-    return {"attention": train_cfg.attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl,
+    return {"attention": attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl,
             "fused_lora_layers": fused, "gemm": gemm}
 
 

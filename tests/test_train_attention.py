@@ -1,0 +1,133 @@
+"""train.attention=bmm (lowres.train.attention): the same attention as torch's SDPA, through transformers'
+attention interface, with SDPA's own forward wherever it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _llama(dtype, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def _run(model, impl: str, ids, mask, weight):
+    """Logits and the first layer's q_proj weight gradient of a loss over the positions ``weight`` keeps."""
+    from lowres.train.speed import set_attention
+
+    set_attention(model, impl)
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    (logits.float().pow(2) * weight).mean().backward()
+    return logits.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float().clone()
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (4, 1)], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "left-padded"])
+def test_bmm_equals_sdpa_in_fp32_and_is_as_close_as_flash_in_bf16(heads, kv_heads, padded):
+    """fp32: logits and gradients equal SDPA's to float noise. bf16: both kernels against the fp32 result —
+    bmm rounds its scores to bf16 (as transformers' eager attention does), flash keeps them in fp32; bmm's
+    error stays within 3× flash's (measured ~1.5×), far below what a wrong mask or gradient gives (~0.4)."""
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = weight = None
+    weight = torch.ones(2, 24, 1)
+    if padded:  # the second sequence starts with 7 pads; the loss covers real tokens only
+        mask = torch.ones(2, 24, dtype=torch.long)
+        mask[1, :7] = 0
+        weight[1, :7] = 0
+    keep = weight.squeeze(-1).bool()
+    ref = _run(_llama(torch.float32, heads, kv_heads), "sdpa", ids, mask, weight)
+    got = _run(_llama(torch.float32, heads, kv_heads), "bmm", ids, mask, weight)
+    assert _rel(got[0][keep], ref[0][keep]) < 1e-5 and _rel(got[1], ref[1]) < 1e-5
+    flash = _run(_llama(torch.bfloat16, heads, kv_heads), "sdpa", ids, mask, weight)
+    bmm = _run(_llama(torch.bfloat16, heads, kv_heads), "bmm", ids, mask, weight)
+    for i in range(2):
+        sel = (lambda t: t[keep]) if i == 0 else (lambda t: t)
+        assert _rel(sel(bmm[i]), sel(ref[i])) < 3 * _rel(sel(flash[i]), sel(ref[i])) + 1e-3
+
+
+def test_a_wrong_mask_is_caught_by_the_comparison():
+    """The comparison above can fail: attending to the future (no causal mask) moves the result by far more
+    than its tolerance."""
+    from lowres.train import attention as A
+
+    q, k, v = (torch.randn(1, 4, 16, 8, dtype=torch.float64) for _ in range(3))
+    ok = A._function().apply(q, k, v, A._additive_mask(None, 1, 4, 4, 16, q.dtype, "cpu"), 8 ** -0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    wrong = A._function().apply(q, k, v, torch.zeros(16, 16, dtype=q.dtype), 8 ** -0.5)
+    assert _rel(ok, ref) < 1e-12 and _rel(wrong, ref) > 0.1
+
+
+def test_gradients_are_checked_numerically():
+    """The hand-written backward against finite differences (float64; GQA with 2 query heads per kv head)."""
+    from lowres.train import attention as A
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, 6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, 6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    mask = A._additive_mask(None, 1, 4, 2, 6, torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda q, k, v: A._function().apply(q, k, v, mask, 0.5), (q, k, v))
+
+
+def test_what_it_does_not_handle_goes_to_sdpa_and_generation_still_works():
+    """Generation with a cache (a query shorter than its keys) and a sliding window take SDPA's own forward:
+    greedy tokens equal SDPA's."""
+    from lowres.train.attention import bmm_attention_forward
+
+    model = _llama(torch.float32)
+    model.eval()
+    ids = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for impl in ("sdpa", "bmm"):
+        from lowres.train.speed import set_attention
+
+        set_attention(model, impl)
+        with torch.no_grad():
+            out[impl] = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out["sdpa"], out["bmm"])
+    attn = model.model.layers[0].self_attn
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    windowed, _ = bmm_attention_forward(attn, q, k, v, None, sliding_window=4)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    expected, _ = sdpa_attention_forward(attn, q, k, v, None, sliding_window=4)
+    assert torch.equal(windowed, expected)
+
+
+def test_auto_picks_bmm_only_for_short_bf16_sequences_on_the_cpu():
+    from lowres.train.attention import BMM_MAX_SEQ, resolve_attention
+
+    assert resolve_attention("auto", "cpu", "bf16", 256) == "bmm"
+    assert resolve_attention("auto", "cpu", "bf16", BMM_MAX_SEQ) == "bmm"
+    assert resolve_attention("auto", "cpu", "bf16", BMM_MAX_SEQ + 1) == "sdpa"
+    assert resolve_attention("auto", "cpu", "fp32", 256) == "sdpa"
+    assert resolve_attention("auto", "cuda", "bf16", 256) == "sdpa"
+    assert resolve_attention("eager", "cpu", "bf16", 256) == "eager"
+    assert resolve_attention("bmm", "cpu", "fp32", 4096) == "bmm"
+
+
+def test_the_advisor_counts_the_probabilities_bmm_saves():
+    """Candidate(attention=auto) resolves as the recipe does; bmm's s² probabilities are in the activations
+    (heads·s·e more per token and layer than SDPA's logsumexp, as the real model saves: test_estimate)."""
+    from lowres.advisor.estimate import Candidate, estimate
+    from lowres.hardware import load_profile
+    from lowres.models import load_spec
+
+    spec = load_spec("SmolLM2-135M")
+    hw = load_profile("laptop-16g-avx512bf16")  # a saved profile: the same answer on any machine
+    cand = dict(compute="bf16", batch_size=2, seq_len=256)
+    auto = estimate(spec, hw, Candidate(**cand)).memory["activations"]
+    sdpa = estimate(spec, hw, Candidate(**cand, attention="sdpa")).memory["activations"]
+    probs = 2 * 256 * spec.num_layers * spec.num_heads * 256 * 2  # tokens × layers × heads·s × 2 B
+    assert auto - sdpa == pytest.approx(probs, rel=0.15)
