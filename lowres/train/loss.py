@@ -63,14 +63,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not bool(keep.any()):
                 continue  # no targets here: zero loss, zero gradient
             logits = (onednn_linear(hc, weight, bias) if onednn else F.linear(hc, weight, bias)).float()
-            lse = torch.logsumexp(logits, dim=-1)
             safe_y = yc.clamp_min(0)
-            target = logits.gather(1, safe_y[:, None]).squeeze(1)
-            total += ((lse - target) * keep).sum()
-            # d(sum CE)/d logits = softmax − onehot on kept rows, 0 on ignored ones; reuse the logits buffer.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(probs.shape[0], device=probs.device), safe_y] -= 1.0
-            probs.mul_(keep[:, None])
+            target = logits.gather(1, safe_y[:, None])
+            # log-sum-exp and softmax in place in the one fp32 logits buffer: m = max, e = exp(x − m),
+            # s = Σe, loss = m + log s − x_target, softmax = e / s — five passes, no temporary of its size
+            m = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(m).exp_()
+            s = e.sum(dim=-1, keepdim=True)
+            total += ((m + s.log() - target).squeeze(1) * keep).sum()
+            # d(sum CE)/d logits = softmax − onehot on kept rows, 0 on ignored ones
+            inv = s.reciprocal_()
+            if hc.dtype != torch.float32 and grad_w is None and grad_b is None:
+                probs = torch.mul(e, inv, out=torch.empty(e.shape, dtype=hc.dtype, device=e.device))
+            else:  # fp32, or a trainable head or bias: its gradients want the fp32 softmax
+                probs = e.mul_(inv)
+            rows = torch.arange(probs.shape[0], device=probs.device)
+            probs[rows, safe_y] -= 1.0
+            if not bool(keep.all()):
+                probs[~keep] = 0.0
             g = probs.to(hc.dtype)
             if grad_h is not None:
                 gh = onednn_linear(g, weight.t()) if onednn else g @ weight
