@@ -105,6 +105,9 @@ class TrainConfig(_Section):
     fused_lora: bool = Field(True, description="each LoRA linear as one autograd Function (the frozen GEMM with "
                              "the rank-r term added in place; no separate scale, add and copies over the output); "
                              "false = peft's own forward; see lowres.train.speed")
+    fused_norm: bool = Field(True, description="RMSNorm layers as one autograd Function each (same arithmetic, "
+                             "saves the input and one reciprocal RMS per token) where it reproduces the family's "
+                             "own norm, checked once per class; false = the model's own; see lowres.train.norms")
     gemm: Literal["auto", "torch", "onednn"] = Field("auto", description="the frozen base projections' and LM "
                                                      "head's fp32 GEMMs: torch (its BLAS, MKL), onednn (oneDNN's "
                                                      "JIT kernels, forward and input gradient) or auto (whichever "
@@ -171,7 +174,7 @@ class RunConfig(_Section):
                 d["train"].pop(key, None)
         if d["train"].get("attention") in ("auto", "sdpa", "bmm"):  # the same attention, another kernel (tested)
             d["train"].pop("attention", None)
-        for key in ("fused_lora", "gemm"):  # the same products in another order (tested): results hold; and
+        for key in ("fused_lora", "fused_norm", "gemm"):  # the same products in another order (tested): results hold; and
             d["train"].pop(key, None)       # runs from before their defaults changed keep their hashes
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -61,15 +61,16 @@ def test_parameter_groups_are_those_of_the_real_model(name):
     assert len(arch.layers) == TINY[name]["num_hidden_layers"]
 
 
-@pytest.mark.parametrize("fused,attention", [(True, "sdpa"), (False, "sdpa"), (True, "bmm")],
-                         ids=["fused_lora", "peft", "fused_lora-bmm"])
+@pytest.mark.parametrize("fused,attention,norm", [(True, "sdpa", True), (False, "sdpa", False), (True, "bmm", True)],
+                         ids=["fused", "peft", "fused-bmm"])
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute, fused, attention):
+def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute, fused, attention, norm):
     """The trace runs on the meta device with a stand-in for fused SDPA; the real model runs on the CPU with
     the real kernels, its LoRA linears as the recipe runs them (train.fused_lora) or peft's own, its attention
-    torch's SDPA or lowres' bmm kernel (train.attention). Bytes saved per token, first layer and each further
-    layer, must agree."""
+    torch's SDPA or lowres' bmm kernel (train.attention), its norms lowres' (train.fused_norm, where the
+    family's norm passes the check) or its own. Bytes saved per token, first layer and each further layer,
+    must agree."""
     torch = pytest.importorskip("torch")
     from peft import LoraConfig, get_peft_model
 
@@ -92,6 +93,10 @@ def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute,
             from lowres.train.speed import fuse_lora
 
             assert fuse_lora(model) > 0
+        if norm:
+            from lowres.train.norms import fuse_norms
+
+            fuse_norms(model)
         model.train()
         fixed = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
         seen: dict[int, int] = {}
@@ -106,7 +111,7 @@ def test_meta_trace_matches_what_autograd_saves_on_the_real_model(name, compute,
             model.get_base_model().get_decoder()(input_ids=torch.randint(0, 300, (1, s)))
         return sum(seen.values()) / s
 
-    first, per_layer = activation_trace(spec, compute, 4, "all_linear", s, fused, attention)
+    first, per_layer = activation_trace(spec, compute, 4, "all_linear", s, fused, attention, norm)
     assert first == pytest.approx(saved(1), rel=0.03)
     assert per_layer == pytest.approx(saved(2) - saved(1), rel=0.03)
 

@@ -126,10 +126,11 @@ def test_bf16_is_flagged_only_where_it_is_emulated(spec, laptop):
     assert not estimate(spec, load_profile("laptop-16g-avx512bf16"), Candidate(compute="bf16")).slow_precision
 
 
-@pytest.mark.parametrize("fused,attention", [(True, "sdpa"), (False, "sdpa"), (True, "bmm")],
-                         ids=["fused_lora", "peft", "fused_lora-bmm"])
+@pytest.mark.parametrize("fused,attention,norm", [(True, "sdpa", True), (False, "sdpa", False), (True, "bmm", True),
+                                                  (True, "sdpa", False)],
+                         ids=["fused", "peft", "fused-bmm", "fused_lora-own_norm"])
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
-def test_activation_formula_matches_what_autograd_saves(compute, fused, attention):
+def test_activation_formula_matches_what_autograd_saves(compute, fused, attention, norm):
     """Count the bytes autograd saves in a tiny random Llama with LoRA (parameters excluded), for 2 and 3
     layers, its LoRA linears as the recipe runs them (train.fused_lora) or peft's own, its attention SDPA or
     lowres' bmm kernel; the difference per token is one layer's activations, which the formula must give."""
@@ -155,6 +156,10 @@ def test_activation_formula_matches_what_autograd_saves(compute, fused, attentio
             from lowres.train.speed import fuse_lora
 
             assert fuse_lora(model) == 7 * layers
+        if norm:
+            from lowres.train.norms import fuse_norms
+
+            assert fuse_norms(model) == 2 * layers + 1
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
 
@@ -171,7 +176,7 @@ def test_activation_formula_matches_what_autograd_saves(compute, fused, attentio
     from types import SimpleNamespace
     shape = SimpleNamespace(hidden_size=64, intermediate_size=160, num_heads=4, num_kv_heads=2, head_dim=16)
     predicted = M.activation_bytes_per_token_per_layer(shape, M.DTYPE_BYTES[compute], 4, M.PROJECTIONS, fused,
-                                                       attention, s)
+                                                       attention, s, norm)
     assert saved_per_token(3) - saved_per_token(2) == pytest.approx(predicted, rel=0.02)
 
 

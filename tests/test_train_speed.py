@@ -80,7 +80,8 @@ def _losses(tmp_path, name: str, steps: int = 3, **extra) -> tuple[list[float], 
     return [r["loss"] for r in recipe.history], recipe.info
 
 
-OPTIONS = [{"train.attention": "eager"}, {"train.attention": "sdpa"}, {"train.attention": "bmm"}, {"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"},
+OPTIONS = [{"train.attention": "eager"}, {"train.attention": "sdpa"}, {"train.attention": "bmm"},
+           {"train.fused_norm": "false"}, {"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"},
            {"train.loss_chunk_tokens": 0}, {"train.threads": 1}, {"train.gemm": "torch"}, {"train.gemm": "onednn"},
            {"train.fused_lora": "false", "train.gemm": "torch"}]
 
@@ -93,7 +94,7 @@ def test_speed_options_keep_the_loss_curve(tmp_path):
     base, info = _losses(tmp_path, "base")
     # the defaults: every LoRA layer through lowres' Function, the GEMM library measured faster here, the
     # attention kernel auto picks for this dtype and length (32 tokens: bmm in bf16, sdpa in fp32)
-    assert info["fused_lora_layers"] > 0 and not info["compiled"]
+    assert info["fused_lora_layers"] > 0 and info["fused_norm_layers"] > 0 and not info["compiled"]
     assert info["attention"] == resolve_attention("auto", "cpu", info["dtype"], 32)
     assert info["gemm"] in (("torch", "onednn") if onednn_available() else ("torch",))
     assert base[-1] < base[0]  # the steps did train (a loss curve, not a constant)
@@ -103,6 +104,7 @@ def test_speed_options_keep_the_loss_curve(tmp_path):
         other, info = _losses(tmp_path, f"o{i}", **option)
         peft_path = option.get("train.fused_lora") == "false"
         assert (info["fused_lora_layers"] == 0) == peft_path  # the option did what it claims
+        assert (info["fused_norm_layers"] == 0) == (option.get("train.fused_norm") == "false")
         assert info["gemm"] == option.get("train.gemm", info["gemm"])
         # the same tokens and seed: only float summation order may differ (peft's path differs from the default
         # in two orders at once, GEMM library and LoRA graph; Adam turns ~1e-7 gradient noise into ~1e-4 of

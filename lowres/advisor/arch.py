@@ -297,12 +297,13 @@ def _trace_patches():
 
 @lru_cache(maxsize=256)
 def _saved_bytes(key: str, layers: int, compute: str, rank: int, targets: str, seq_len: int,
-                 fused: bool = True, attention: str = "sdpa") -> tuple[float, int]:
+                 fused: bool = True, attention: str = "sdpa", fused_norm: bool = False) -> tuple[float, int]:
     """(bytes autograd saves — parameters and buffers excluded, each storage once —, autograd nodes) in one
     forward of the ``layers``-layer decoder with LoRA over a frozen base, batch 1 × ``seq_len``, meta device;
     ``fused``: the LoRA linears as the recipe runs them with ``train.fused_lora`` (lowres.train.speed);
     ``attention``: the kernel as resolved (lowres.train.attention's bmm runs itself on the meta device and
-    saves its s² probabilities; sdpa and eager as above)."""
+    saves its s² probabilities; sdpa and eager as above); ``fused_norm``: the RMSNorms as the recipe runs
+    them with ``train.fused_norm`` (lowres.train.norms)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -324,6 +325,10 @@ def _saved_bytes(key: str, layers: int, compute: str, rank: int, targets: str, s
         from lowres.train.speed import fuse_lora
 
         fuse_lora(model)
+    if fused_norm:
+        from lowres.train.norms import fuse_norms
+
+        fuse_norms(model)
     model.train()
     fixed = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
@@ -354,7 +359,7 @@ def _count_nodes(fn: Any) -> int:
 
 
 def activation_trace(spec: Any, compute: str, rank: int, targets: Any, seq_len: int,
-                     fused: bool = True, attention: str = "sdpa") -> tuple[float, float]:
+                     fused: bool = True, attention: str = "sdpa", fused_norm: bool = False) -> tuple[float, float]:
     """(first layer + everything outside the layers, each further layer), bytes saved per token.
 
     The first layer is traced apart because its input (the frozen embedding's output) needs no gradient,
@@ -362,20 +367,22 @@ def activation_trace(spec: Any, compute: str, rank: int, targets: Any, seq_len: 
     key = _key(spec)
     names = peft_targets(targets)
     tkey = json.dumps(names)
-    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len, fused, attention)[0]
+    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len, fused, attention, fused_norm)[0]
     arch = _arch(key)
-    two = _saved_bytes(key, 2, compute, rank, tkey, seq_len, fused, attention)[0] if arch.num_layers > 1 else 2 * one
+    two = (_saved_bytes(key, 2, compute, rank, tkey, seq_len, fused, attention, fused_norm)[0]
+           if arch.num_layers > 1 else 2 * one)
     return one / seq_len, max(0.0, two - one) / seq_len
 
 
 def graph_ops(spec: Any, compute: str, rank: int, targets: Any, seq_len: int, fused: bool = True,
-              attention: str = "sdpa") -> int:
+              attention: str = "sdpa", fused_norm: bool = False) -> int:
     """Autograd nodes of one forward of the whole decoder (first layer + (L - 1) more), from the same trace:
     the number of ops whose fixed dispatch cost a step pays twice (forward and backward), whatever the
     tensor sizes."""
     key = _key(spec)
     tkey = json.dumps(peft_targets(targets))
-    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len, fused, attention)[1]
+    one = _saved_bytes(key, 1, compute, rank, tkey, seq_len, fused, attention, fused_norm)[1]
     arch = _arch(key)
-    two = _saved_bytes(key, 2, compute, rank, tkey, seq_len, fused, attention)[1] if arch.num_layers > 1 else 2 * one
+    two = (_saved_bytes(key, 2, compute, rank, tkey, seq_len, fused, attention, fused_norm)[1]
+           if arch.num_layers > 1 else 2 * one)
     return one + (arch.num_layers - 1) * max(0, two - one)

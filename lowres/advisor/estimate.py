@@ -36,6 +36,8 @@ class Candidate(BaseModel):
     optimizer: str = "adamw"
     fused_lora: bool = Field(True, description="LoRA linears as lowres.train.speed's Function (train.fused_lora, "
                              "no LoRA dropout); traced as such for activations and op counts")
+    fused_norm: bool = Field(True, description="RMSNorms as lowres.train.norms' Function (train.fused_norm); "
+                             "traced as such")
     attention: Literal["auto", "sdpa", "bmm", "eager"] = Field(
         "auto", description="train.attention; auto resolved as the recipe resolves it (lowres.train.attention)")
 
@@ -55,7 +57,7 @@ class Candidate(BaseModel):
                    gradient_checkpointing=cfg.precision.gradient_checkpointing,
                    loss_chunk_tokens=cfg.train.loss_chunk_tokens, optimizer=cfg.train.optimizer,
                    fused_lora=(cfg.train.fused_lora or cfg.train.gemm == "onednn") and cfg.lora.dropout == 0,
-                   attention=cfg.train.attention)
+                   attention=cfg.train.attention, fused_norm=cfg.train.fused_norm)
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     attention = resolve_attention(cand.attention, device, compute, cand.seq_len)
     memory["activations"] = M.activation_bytes(spec, e, cand.lora_rank, cand.lora_targets, cand.batch_size,
                                                cand.seq_len, cand.gradient_checkpointing,
-                                               fused, attention)
+                                               fused, attention, cand.fused_norm)
     memory["logits"] = M.logits_bytes(spec, e, cand.batch_size, cand.seq_len, cand.loss_chunk_tokens)
     live = sum(memory.values())
     # Only transient tensors (activations, logits, gradients, dequant scratch) churn through the allocator;
@@ -251,7 +253,7 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
         from lowres.advisor.arch import graph_ops, targeted
 
         n_ops = 2 * graph_ops(spec, compute, cand.lora_rank, cand.lora_targets, cand.seq_len,
-                              fused, attention)
+                              fused, attention, cand.fused_norm)
         lora_tensors = 2 * sum(len(layer) for layer in targeted(arch, cand.lora_targets))
         act = memory["activations"] * (1.5 if cand.gradient_checkpointing else 1.0)
         machine = C.machine_step_seconds(spec, compute, tokens, cand.seq_len, flops, act,

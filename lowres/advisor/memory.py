@@ -199,7 +199,7 @@ def lora_state_bytes(n_params: int, optimizer: str = "adamw") -> dict[str, float
 
 def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: tuple[str, ...],
                                          fused_lora: bool = True, attention: str = "sdpa",
-                                         seq_len: int = 0) -> float:
+                                         seq_len: int = 0, fused_norm: bool = False) -> float:
     """Bytes one decoder layer saves for backward, per token, with a frozen base and LoRA adapters.
 
     Adapted from Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
@@ -220,12 +220,14 @@ def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: 
     r·e per target.
     With ``attention="bmm"`` (lowres.train.attention) the attention saves q, k, v and its probabilities —
     heads·s elements per token — instead of the logsumexp (its output is o's saved input either way).
+    With ``fused_norm`` (lowres.train.norms) each RMSNorm saves its input as it came (h·e) and one fp32
+    reciprocal RMS per token.
     Checked against the tensors autograd saves (saved_tensors_hooks, torch 2.13 CPU, transformers 5.23,
     peft 0.21, SmolLM2-135M shapes, fp32/bf16, attention and attention_mlp targets): equal to within 0.1 %.
     """
     h, i, a = spec.hidden_size, spec.intermediate_size, spec.num_heads
     shapes = linear_shapes(spec)
-    total = 2 * h * 4.0                      # RMSNorm inputs, fp32
+    total = 2 * (h * e + 4.0) if fused_norm else 2 * h * 4.0   # RMSNorm inputs (fp32 unless fused)
     q_out, kv_out = shapes["q"][1], shapes["k"][1]
     if attention == "bmm":  # q, k, v, the output (o's input); the probabilities
         total += (2 * q_out + 2 * kv_out) * e + a * seq_len * e + 8
@@ -245,7 +247,8 @@ def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: 
 
 
 def activation_bytes(spec: Any, e: int, rank: int, targets: tuple[str, ...], batch_size: int, seq_len: int,
-                     gradient_checkpointing: bool, fused_lora: bool = True, attention: str = "sdpa") -> float:
+                     gradient_checkpointing: bool, fused_lora: bool = True, attention: str = "sdpa",
+                     fused_norm: bool = False) -> float:
     """Activations alive at the start of backward, for b·s tokens.
 
     Without checkpointing: L layers' saved tensors (see ``activation_bytes_per_token_per_layer``) plus one
@@ -261,14 +264,16 @@ def activation_bytes(spec: Any, e: int, rank: int, targets: tuple[str, ...], bat
         from lowres.advisor.arch import activation_trace
 
         compute = {4: "fp32", 2: "bf16"}[e]
-        first, per_layer = activation_trace(spec, compute, rank, targets, seq_len, fused_lora, attention)
+        first, per_layer = activation_trace(spec, compute, rank, targets, seq_len, fused_lora, attention,
+                                            fused_norm)
         if gradient_checkpointing:
             per_token = spec.num_layers * spec.hidden_size * e + 2 * per_layer + spec.hidden_size * 4.0
         else:
             per_token = first + (spec.num_layers - 1) * per_layer + per_layer
         return tokens * per_token
     targets = resolve_targets(targets) if isinstance(targets, str) else targets
-    per_layer = activation_bytes_per_token_per_layer(spec, e, rank, targets, fused_lora, attention, seq_len)
+    per_layer = activation_bytes_per_token_per_layer(spec, e, rank, targets, fused_lora, attention, seq_len,
+                                                     fused_norm)
     final = spec.hidden_size * 4.0
     if gradient_checkpointing:
         per_token = spec.num_layers * spec.hidden_size * e + 2 * per_layer + final

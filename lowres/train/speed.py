@@ -19,6 +19,8 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
   also keeps the adapter's GEMMs in the compute dtype (peft casts every LoRA layer's input to fp32). Falls back
   to peft's forward for anything else (dropout, DoRA, several adapters, a quantized base, autocast, fp16, a
   disabled or merged adapter).
+* ``fused_norm``: RMSNorm layers as one autograd Function each where it reproduces the family's own norm
+  (``lowres.train.norms``, checked once per class).
 * ``gemm``: ``onednn`` runs the frozen fp32 GEMMs — each LoRA layer's base projection and the LM head, forward
   and the input gradient backward — through oneDNN's JIT kernels (``torch.ops.mkldnn._linear_pointwise``, on
   the weights as they are: no packed copy, no extra memory) instead of torch's BLAS (MKL's sgemm in the
@@ -335,9 +337,15 @@ def apply(model: Any, train_cfg: Any, gemm: str = "torch", attention: str | None
     attention = attention or ("sdpa" if train_cfg.attention == "auto" else train_cfg.attention)
     set_attention(model, attention)
     fused = fuse_lora(model, gemm) if getattr(train_cfg, "fused_lora", False) or gemm == "onednn" else 0
+    if getattr(train_cfg, "fused_norm", False):
+        from lowres.train.norms import fuse_norms
+
+        norms = fuse_norms(model)
+    else:
+        norms = 0
     compiled = compile_decoder(model) if train_cfg.compile else False
     return {"attention": attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl,
-            "fused_lora_layers": fused, "gemm": gemm}
+            "fused_lora_layers": fused, "fused_norm_layers": norms, "gemm": gemm}
 
 
 def compile_seconds(step_seconds: list[float]) -> float | None:
