@@ -46,6 +46,7 @@ def resolve_attention(attention: str, device: str, compute: str, seq_len: int) -
 
 
 _FN = None
+_CAUSAL: dict = {}  # (s, g, dtype, device) → the additive causal mask baddbmm adds (never written to)
 
 
 def _function():
@@ -92,9 +93,16 @@ def _additive_mask(attention_mask: Any, b: int, h: int, kv: int, s: int, dtype: 
 
     low = torch.finfo(dtype).min
     g = h // kv
-    if attention_mask is None:
-        causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
-        return torch.zeros(s, s, dtype=dtype, device=device).masked_fill_(~causal, low).repeat(g, 1)
+    if attention_mask is None:  # the causal mask: built once per shape, dtype and device, then shared
+        key = (s, g, dtype, str(device))
+        mask = _CAUSAL.get(key)
+        if mask is None:
+            causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+            mask = torch.zeros(s, s, dtype=dtype, device=device).masked_fill_(~causal, low).repeat(g, 1)
+            if len(_CAUSAL) >= 8:
+                _CAUSAL.clear()
+            _CAUSAL[key] = mask
+        return mask
     m = attention_mask[..., :s, :s]
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, low)

@@ -73,10 +73,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             total += ((m + s.log() - target).squeeze(1) * keep).sum()
             # d(sum CE)/d logits = softmax − onehot on kept rows, 0 on ignored ones
             inv = s.reciprocal_()
-            if hc.dtype != torch.float32 and grad_w is None and grad_b is None:
-                probs = torch.mul(e, inv, out=torch.empty(e.shape, dtype=hc.dtype, device=e.device))
-            else:  # fp32, or a trainable head or bias: its gradients want the fp32 softmax
-                probs = e.mul_(inv)
+            if grad_w is None and grad_b is None:
+                # only the input's gradient: (softmax − onehot) W = (1/s)·(e W) − W[y], per kept row. The
+                # softmax is never formed (no scaling or scatter pass over [tokens × vocab]); the onehot
+                # term is subtracted in fp32 at [tokens × hidden]
+                if grad_h is not None:
+                    e_c = e.to(hc.dtype)
+                    ew = onednn_linear(e_c, weight.t()) if onednn else e_c @ weight
+                    gh = ew.float().mul_(inv).sub_(weight[safe_y].float())
+                    if not bool(keep.all()):
+                        gh[~keep] = 0.0
+                    grad_h[start:start + chunk_tokens] = gh.to(grad_h.dtype)
+                    del e_c, ew, gh
+                del logits, e
+                continue
+            probs = e.mul_(inv)  # a trainable head or bias: its gradients want the fp32 softmax
             rows = torch.arange(probs.shape[0], device=probs.device)
             probs[rows, safe_y] -= 1.0
             if not bool(keep.all()):
