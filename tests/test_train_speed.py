@@ -30,6 +30,8 @@ def test_op_families_by_name_and_phase():
     assert family_of("aten::mul", False) == "norm/element-wise" and family_of("aten::copy_", False) == "norm/element-wise"
     assert family_of("aten::_fused_adamw_", True) == "optimizer" and family_of("aten::mm", True) == "optimizer"
     assert family_of("autograd::engine::evaluate_function: MmBackward0", False) is None  # stays in "other"
+    # inside lowres' bmm attention (its Function's forward and backward ranges) GEMMs count as attention
+    assert family_of("aten::bmm", "attention") == "attention" and family_of("aten::bmm", None) == "matmul"
 
 
 def test_profile_steps_writes_trace_and_family_table(tmp_path):
@@ -49,6 +51,7 @@ def test_profile_steps_writes_trace_and_family_table(tmp_path):
     shares = [v["share"] for v in prof["families"].values()]
     assert all(s >= 0 for s in shares) and sum(shares) == pytest.approx(1.0, abs=1e-6)
     assert prof["families"]["matmul"]["seconds_per_step"] > 0 and prof["families"]["optimizer"]["seconds_per_step"] > 0
+    assert prof["families"]["attention"]["seconds_per_step"] > 0  # sdpa's kernel or bmm attention's range
     assert any(o["op"] == "aten::mm" for o in prof["top_ops"])
     run_dir = tmp_path / "out"
     assert json.loads((run_dir / "op_profile.json").read_text())["families"] == prof["families"]

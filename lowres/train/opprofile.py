@@ -6,7 +6,8 @@ in https://ui.perfetto.dev or chrome://tracing) and sums each op's *self* time (
 nothing is counted twice) into families:
 
 * ``matmul``: GEMMs and their backward (mm, addmm, bmm, linear, …) outside the optimizer;
-* ``attention``: scaled-dot-product attention kernels and softmax;
+* ``attention``: scaled-dot-product attention kernels and softmax, and every op run inside lowres' bmm
+  attention (``train.attention=bmm``: its batched GEMMs count here, not as matmul);
 * ``norm/element-wise``: every other aten op — norms, activations, adds, copies and casts, the loss;
 * ``optimizer``: everything under the recipe's optimizer phase (gradient clipping, AdamW, zero_grad);
 * ``other``: the steps' wall time that no op accounts for — Python, the autograd engine, dispatch, the
@@ -27,6 +28,9 @@ from typing import Any
 
 FAMILIES = ("matmul", "attention", "norm/element-wise", "optimizer", "other")
 OPTIMIZER_MARK = "lowres.optimizer"  # the record_function label of the recipe's optimizer phase (PhaseTimer)
+# profiler ranges whose ops all belong to one family: the optimizer phase, lowres' bmm attention (its autograd
+# Function forward and backward, lowres.train.attention)
+MARKS = {OPTIMIZER_MARK: "optimizer", "BmmAttention": "attention", "BmmAttentionBackward": "attention"}
 TRACE_NAME = "torch_trace.json.gz"
 TABLE_NAME = "op_profile.json"
 
@@ -37,15 +41,17 @@ _ONEDNN_MATMUL = {"_linear_pointwise", "_linear_pointwise_binary"}
 _ATTENTION = {"scaled_dot_product_attention", "softmax", "_softmax", "_softmax_backward_data", "_safe_softmax"}
 
 
-def family_of(name: str, under_optimizer: bool) -> str | None:
-    """The family of one profiler event by its name; None for what is not an aten op (Python-level ranges,
-    autograd engine wrappers): their self time stays in ``other``."""
+def family_of(name: str, under: str | bool | None = None) -> str | None:
+    """The family of one profiler event by its name and the marked range it runs under (``MARKS``: optimizer,
+    attention; True means the optimizer); None for what is not an aten op (Python-level ranges, autograd
+    engine wrappers): their self time stays in ``other``."""
+    under = "optimizer" if under is True else (under or None)
     if name.startswith("mkldnn::") and name[len("mkldnn::"):] in _ONEDNN_MATMUL:
-        return "optimizer" if under_optimizer else "matmul"  # oneDNN's GEMMs (train.gemm=onednn)
+        return under or "matmul"  # oneDNN's GEMMs (train.gemm=onednn)
     if not name.startswith("aten::"):
         return None
-    if under_optimizer:
-        return "optimizer"
+    if under:
+        return under
     op = name[len("aten::"):]
     if op in _MATMUL:
         return "matmul"
@@ -59,23 +65,24 @@ def summarise(events: Any, wall_s: float, steps: int) -> dict:
     took ``wall_s`` seconds in all."""
     seconds = dict.fromkeys(FAMILIES, 0.0)
     top: dict[str, float] = {}
-    memo: dict[int, bool] = {}
+    memo: dict[int, str | None] = {}
 
-    def in_optimizer(ev) -> bool:
+    def marked(ev) -> str | None:
+        """The family of the nearest marked range above ``ev`` (MARKS), memoised along the chain."""
         chain, node = [], ev
         while node is not None and id(node) not in memo:
-            if node.name == OPTIMIZER_MARK:
-                memo[id(node)] = True
+            if node.name in MARKS:
+                memo[id(node)] = MARKS[node.name]
                 break
             chain.append(node)
             node = node.cpu_parent
-        found = memo.get(id(node), False) if node is not None else False
+        found = memo.get(id(node)) if node is not None else None
         for n in chain:
             memo[id(n)] = found
         return found
 
     for ev in events:
-        fam = family_of(ev.name, in_optimizer(ev))
+        fam = family_of(ev.name, marked(ev))
         if fam is None:
             continue
         s = ev.self_cpu_time_total / 1e6
