@@ -14,7 +14,7 @@ computes something else (Gemma's ``1 + weight``, a norm with a bias, an offset) 
 own forward. Autocast and dtypes other than fp32/bf16 take the module's own forward too.
 
 Measured on the 2-core AMD EPYC with AVX512_BF16 (61 norms of SmolLM2-135M at 512 tokens, forward +
-backward): fp32 113 → 57 ms, bf16 51 → 35 ms.
+backward, frozen weights): fp32 82 → 35 ms, bf16 44 → 34 ms.
 """
 
 from __future__ import annotations
