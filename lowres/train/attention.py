@@ -30,6 +30,7 @@ SDPA forward, per call.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 NAME = "lowres_bmm"
@@ -45,15 +46,12 @@ def resolve_attention(attention: str, device: str, compute: str, seq_len: int) -
     return "bmm" if device == "cpu" and compute == "bf16" and 0 < seq_len <= BMM_MAX_SEQ else "sdpa"
 
 
-_FN = None
 _CAUSAL: dict = {}  # (s, g, dtype, device) → the additive causal mask baddbmm adds (never written to)
 
 
+@functools.cache
 def _function():
     """The autograd Function, built on first use (torch imported lazily)."""
-    global _FN
-    if _FN is not None:
-        return _FN
     import torch
 
     class BmmAttention(torch.autograd.Function):
@@ -81,8 +79,7 @@ def _function():
             dk = torch.bmm(ds.transpose(1, 2), q3).mul_(ctx.scale)
             return dq.view(qs), dk.view(ks), dv.view(vs), None, None
 
-    _FN = BmmAttention
-    return _FN
+    return BmmAttention
 
 
 def _additive_mask(attention_mask: Any, b: int, h: int, kv: int, s: int, dtype: Any, device: Any):

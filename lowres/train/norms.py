@@ -20,17 +20,16 @@ backward, frozen weights): fp32 82 → 35 ms, bf16 44 → 34 ms.
 from __future__ import annotations
 
 import copy
+import functools
 import types
 from typing import Any
 
-_FN = None
 _ELIGIBLE: dict[type, bool] = {}
 
 
+@functools.cache
 def _function():
-    global _FN
-    if _FN is not None:
-        return _FN
+    """The autograd Function, built on first use (torch imported lazily)."""
     import torch
 
     class RMSNormFunction(torch.autograd.Function):
@@ -56,8 +55,7 @@ def _function():
                 dx = dn.sub_(n.mul_(dot)).mul_(rstd).to(x.dtype)
             return dx, dw, None
 
-    _FN = RMSNormFunction
-    return _FN
+    return RMSNormFunction
 
 
 def _eps(module: Any) -> float | None:
