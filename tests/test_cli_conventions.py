@@ -55,6 +55,19 @@ def test_every_command_and_group_answers_h_and_help():
             assert res.exit_code == 0 and "Usage:" in res.output, (path, flag, res.output[-500:])
 
 
+def test_train_help_lists_every_config_field():
+    """`lowres train --help` names every field --set takes, section by section: a field added to the config
+    without its name in the help fails here."""
+    from lowres.cli.train import train
+    from lowres.config import RunConfig
+
+    words = set(train.__doc__.replace("·", " ").split())
+    for name, field in RunConfig.model_fields.items():
+        sub = getattr(field.annotation, "model_fields", None)
+        names = list(sub) if sub else [name]
+        assert not [k for k in names if k not in words], (name, [k for k in names if k not in words])
+
+
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"lowres {metadata.version('lowres')}"
