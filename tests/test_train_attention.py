@@ -131,3 +131,35 @@ def test_the_advisor_counts_the_probabilities_bmm_saves():
     sdpa = estimate(spec, hw, Candidate(**cand, attention="sdpa")).memory["activations"]
     probs = 2 * 256 * spec.num_layers * spec.num_heads * 256 * 2  # tokens × layers × heads·s × 2 B
     assert auto - sdpa == pytest.approx(probs, rel=0.15)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3", "neox", "mistral", "phi"])
+def test_every_family_trains_the_same_with_bmm_attention_and_fused_norms(name):
+    """Across the families the advisor knows (GQA with biases, sliding windows and soft-capping, parallel
+    attention, partial rotary): bmm attention — or SDPA's forward where bmm does not apply — and fused norms
+    where they pass their check give the model's own logits and gradients (fp32)."""
+    import copy
+
+    from test_advisor_families import TINY, _real_model
+
+    from lowres.train.norms import fuse_norms
+    from lowres.train.speed import set_attention
+
+    torch.manual_seed(0)
+    model = _real_model(TINY[name], 3, torch.float32)
+    model.config.use_cache = False
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+
+    def run(m):
+        m.zero_grad()
+        out = m(input_ids=ids).logits
+        out.pow(2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    ref = run(model)
+    ours = copy.deepcopy(model)
+    set_attention(ours, "bmm")
+    fuse_norms(ours)
+    got = run(ours)
+    assert _rel(got[0], ref[0]) < 1e-5
+    assert len(got[1]) == len(ref[1]) and all(_rel(a, b) < 1e-4 for a, b in zip(got[1], ref[1]))
