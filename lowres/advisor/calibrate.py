@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lowres.advisor.estimate import Calibration
+from lowres.train.attention import resolve_attention
 
 
 @dataclass
@@ -380,8 +381,6 @@ def machine_model(fingerprint: str, spec: Any, seq_len: int, dtypes: tuple[str, 
     data = _read()
     key = f"{fingerprint}|machine"
     entry = data.get(key) or {}
-    from lowres.train.attention import resolve_attention
-
     # the attention kernel train.attention=auto runs at this length, per dtype (bmm keyed apart from sdpa)
     impl = {dt: resolve_attention("auto", "cpu", dt, seq_len) for dt in dtypes}
     s_key = f"{spec.num_heads}x{spec.num_kv_heads}x{spec.head_dim}|s{_length_bucket(seq_len)}"

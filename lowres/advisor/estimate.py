@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lowres.advisor import compute as C
 from lowres.advisor import memory as M
+from lowres.train.attention import resolve_attention
 
 DEFAULT_HEADROOM = 0.10
 PERSISTENT = ("lora.params", "lora.optimizer", "quantize_load")  # besides the weights: stay all run
@@ -222,8 +223,6 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     memory.update(M.lora_state_bytes(lora_n, cand.optimizer))
     # lowres.train.speed's Function runs fp32/bf16 LoRA layers over a plain base; peft's forward the rest
     fused = cand.fused_lora and cand.quant == "none" and compute != "fp16"
-    from lowres.train.attention import resolve_attention
-
     attention = resolve_attention(cand.attention, device, compute, cand.seq_len)
     memory["activations"] = M.activation_bytes(spec, e, cand.lora_rank, cand.lora_targets, cand.batch_size,
                                                cand.seq_len, cand.gradient_checkpointing,

@@ -32,6 +32,7 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -91,13 +92,9 @@ class LoraLinearFunction:
     than, as peft does, the [tokens × in] activations to fp32: the adapter's GEMMs run in bf16 with fp32
     accumulation, as under autocast, and the layer saves its bf16 input, not an fp32 copy of it."""
 
-    _fn = None
-
-    @classmethod
-    def apply(cls, x2, weight, bias, lora_a, lora_b, scaling: float, gemm: str = "torch"):
-        if cls._fn is None:
-            cls._fn = _build_lora_function()
-        return cls._fn.apply(x2, weight, bias, lora_a, lora_b, scaling, gemm)
+    @staticmethod
+    def apply(x2, weight, bias, lora_a, lora_b, scaling: float, gemm: str = "torch"):
+        return _build_lora_function().apply(x2, weight, bias, lora_a, lora_b, scaling, gemm)
 
 
 def _lora_forward_impl(x2, weight, bias, lora_a, lora_b, scaling: float, gemm: str):
@@ -184,6 +181,7 @@ def _lora_ops():
     return torch.ops.lowres
 
 
+@functools.cache
 def _build_lora_function():
     import torch
 
