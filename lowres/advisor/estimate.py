@@ -233,6 +233,8 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     # weights and LoRA/optimizer states are allocated once and stay. Measured here (bench/advisor_accuracy):
     # applying the factor to the weights too over-predicted SmolLM2-135M's peak RSS by 25-35 %.
     transient = live - sum(v for k, v in memory.items() if k.startswith("weights.") or k in PERSISTENT)
+    if device == "cpu":  # a loss chunk's logits (tens of MB) are mmap'd by glibc and unmapped when freed:
+        transient -= memory["logits"]  # no fragmentation to add (the loss no longer makes a second such buffer)
     allocator = M.allocator_factor(device, e) * cal.allocator_scale
     memory["allocator"] = (allocator - 1.0) * transient
     memory["runtime"] = float(M.RUNTIME_BASELINE_BYTES[device] if cal.runtime_bytes is None else cal.runtime_bytes)
