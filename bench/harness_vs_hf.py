@@ -144,7 +144,7 @@ class LowresWorker:
                      "threads": r.info["threads"], "weights": r.info["weights_source"],
                      "flops_per_token": r.flops_per_token, "roofline": r.roofline.flops_per_s,
                      "roofline_source": r.roofline.source, "packed": r.data.train.attention_mask is None,
-                     "block_length": int(r.data.train.input_ids.shape[1])}
+                     "block_length": int(r.data.train.input_ids.shape[1]), "malloc": r.info["malloc"]}
 
     def run(self, steps: int) -> list[tuple[float, int]]:
         start = len(self.recipe.history)
@@ -182,6 +182,11 @@ class HFWorker:
         from lowres.models import locate_weights
 
         torch.set_num_threads(args["threads"])
+        malloc = "glibc's defaults"
+        if args.get("hf_malloc_tuning"):  # lowres' allocator setting, given to HF too: what it alone buys
+            from lowres.train.allocator import tune_malloc
+
+            malloc = tune_malloc()
         loc = locate_weights(ModelConfig(name=args["model"]))
         if loc.path and loc.kind != "random-init":
             base = AutoModelForCausalLM.from_pretrained(loc.path, dtype=torch.float32)
@@ -200,7 +205,8 @@ class HFWorker:
                         | ({} if blocks["attention_mask"] is None else {"attention_mask": blocks["attention_mask"][i]})
                         for i in range(len(blocks["input_ids"]))]
         self.args, self.out = args, Path(args["tmp"])
-        self.info = {"dtype": "fp32", "threads": torch.get_num_threads(), "packed": blocks["attention_mask"] is None}
+        self.info = {"dtype": "fp32", "threads": torch.get_num_threads(), "packed": blocks["attention_mask"] is None,
+                     "malloc": malloc}
 
     def run(self, steps: int) -> list[tuple[float, int]]:
         """(seconds, tokens) of each of ``steps`` optimizer steps through a fresh Trainer."""
@@ -316,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                    "CPU (the run itself still uses this one)")
     p.add_argument("--set", action="append", default=[], metavar="A.B=C",
                    help="extra lowres config for both lowres contenders (e.g. train.compile=true)")
+    p.add_argument("--hf-malloc-tuning", action="store_true", help="give the HF contender lowres' malloc setting "
+                   "too (train.malloc_tuning: glibc keeps freed blocks for reuse), to see what it alone buys")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-args", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -339,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(tmp) / "corpus.txt"
         data.write_text("\n".join(f"{i}: {CORPUS * 3}" for i in range(400)))
         wargs = dict(model=model, data=str(data), seq_len=seq_len, batch_size=args.batch_size, rank=args.rank,
-                     tmp=tmp, threads=usable_cpus(), set=args.set)
+                     tmp=tmp, threads=usable_cpus(), set=args.set, hf_malloc_tuning=args.hf_malloc_tuning)
         workers: dict[str, Worker] = {}
         try:
             workers["lowres-fp32"] = Worker("lowres-fp32", "fp32", wargs)  # first: it writes the token blocks
@@ -352,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model {model} ({info['weights']}, {info['params_total'] / 1e6:.1f}M params), seq {seq_len} × "
                   f"batch {args.batch_size}, LoRA r={args.rank} attention_mlp, {info['threads']} threads each; "
                   f"packed blocks of {info['block_length']} tokens, no padding: {info['packed']}", flush=True)
+            print("malloc: " + " · ".join(f"{n} {w.ready['info'].get('malloc', '?')}" for n, w in workers.items()),
+                  flush=True)
             names = list(workers)
             rates: dict[str, list[float]] = {n: [] for n in names}
             peaks: dict[str, list[float]] = {"roofline": [bi["roofline"]]}

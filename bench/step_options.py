@@ -42,6 +42,9 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--data", default=None, metavar="PATH|SAMPLE",
+                   help="train on this dataset (a data.path, or a shipped sample: instructions, hdfs_logs) instead "
+                   "of the bench's packed corpus of equal blocks")
     p.add_argument("--set", action="append", default=[], metavar="A.B=C",
                    help="lowres config for the baseline and every variant alike (e.g. train.threads=1)")
     args = p.parse_args()
@@ -56,12 +59,18 @@ def main() -> int:
 
     from lowres.hardware import usable_cpus
 
-    print(f"{model}, seq {seq_len} × batch {args.batch_size}, r={args.rank}, {args.precision} "
+    print(f"{model}, data {args.data or 'the packed bench corpus'}, seq {seq_len} × batch {args.batch_size}, "
+          f"r={args.rank}, {args.precision} "
           f"{' '.join(args.set)}; load at start "
           f"{harness.load_now()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lowres-ab-") as tmp:
-        data = Path(tmp) / "corpus.txt"
-        data.write_text("\n".join(f"{i}: {harness.CORPUS * 3}" for i in range(400)))
+        if args.data:
+            from lowres.data.reading import list_samples, sample_path
+
+            data = sample_path(args.data) if args.data in list_samples() else Path(args.data)
+        else:
+            data = Path(tmp) / "corpus.txt"
+            data.write_text("\n".join(f"{i}: {harness.CORPUS * 3}" for i in range(400)))
         workers = {}
         try:
             for name, sets in variants.items():

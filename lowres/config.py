@@ -114,6 +114,10 @@ class TrainConfig(_Section):
                                                      "of the two times faster here on the model's shapes, fp32 on "
                                                      "the CPU; else torch); onednn implies fused_lora; see "
                                                      "lowres.train.speed")
+    malloc_tuning: bool = Field(True, description="on the CPU, glibc's malloc keeps freed blocks up to 256 MiB "
+                                "for reuse instead of returning them to the kernel, so a step does not page-fault "
+                                "its activations and logits in fresh each time (process-wide, glibc only); "
+                                "false = glibc's defaults; see lowres.train.allocator")
     profile_steps: int = Field(0, ge=0, description="optimizer steps traced by torch.profiler right after the "
                                "warm-up steps: torch_trace.json.gz and op_profile.json (time by op family) in "
                                "output_dir; 0 = none")
@@ -174,8 +178,10 @@ class RunConfig(_Section):
                 d["train"].pop(key, None)
         if d["train"].get("attention") in ("auto", "sdpa", "bmm"):  # the same attention, another kernel (tested)
             d["train"].pop("attention", None)
-        for key in ("fused_lora", "fused_norm", "gemm"):  # the same products in another order (tested): results hold; and
-            d["train"].pop(key, None)       # runs from before their defaults changed keep their hashes
+        # the same products in another order (tested), or the same arithmetic (malloc): results hold; and runs
+        # from before these defaults changed keep their hashes
+        for key in ("fused_lora", "fused_norm", "gemm", "malloc_tuning"):
+            d["train"].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

@@ -86,7 +86,7 @@ def _losses(tmp_path, name: str, steps: int = 3, **extra) -> tuple[list[float], 
 OPTIONS = [{"train.attention": "eager"}, {"train.attention": "sdpa"}, {"train.attention": "bmm"},
            {"train.fused_norm": "false"}, {"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"},
            {"train.loss_chunk_tokens": 0}, {"train.threads": 1}, {"train.gemm": "torch"}, {"train.gemm": "onednn"},
-           {"train.fused_lora": "false", "train.gemm": "torch"}]
+           {"train.fused_lora": "false", "train.gemm": "torch"}, {"train.malloc_tuning": "false"}]
 
 
 def test_speed_options_keep_the_loss_curve(tmp_path):
@@ -100,6 +100,9 @@ def test_speed_options_keep_the_loss_curve(tmp_path):
     assert info["fused_lora_layers"] > 0 and info["fused_norm_layers"] > 0 and not info["compiled"]
     assert info["attention"] == resolve_attention("auto", "cpu", info["dtype"], 32)
     assert info["gemm"] in (("torch", "onednn") if onednn_available() else ("torch",))
+    from lowres.train.allocator import glibc_version
+
+    assert info["malloc"].startswith(f"glibc {glibc_version()}:" if glibc_version() else "unchanged")
     assert base[-1] < base[0]  # the steps did train (a loss curve, not a constant)
     for i, option in enumerate(OPTIONS):
         if option.get("train.gemm") == "onednn" and not onednn_available():
@@ -109,6 +112,9 @@ def test_speed_options_keep_the_loss_curve(tmp_path):
         assert (info["fused_lora_layers"] == 0) == peft_path  # the option did what it claims
         assert (info["fused_norm_layers"] == 0) == (option.get("train.fused_norm") == "false")
         assert info["gemm"] == option.get("train.gemm", info["gemm"])
+        if option.get("train.malloc_tuning") == "false":
+            # mallopt is process-wide: the default run above tuned it, and the run says false did not undo it
+            assert info["malloc"] == "unchanged" or "false does not undo it" in info["malloc"]
         # the same tokens and seed: only float summation order may differ (peft's path differs from the default
         # in two orders at once, GEMM library and LoRA graph; Adam turns ~1e-7 gradient noise into ~1e-4 of
         # loss by step 3 on this random-init model — a wrong gradient would move it by whole percents)

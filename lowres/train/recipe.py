@@ -120,6 +120,9 @@ class Recipe:
                                       device=self.device, seed=cfg.train.seed)
         self.model.train()
         from lowres.train import speed
+        from lowres.train.allocator import tune_malloc, untouched
+
+        malloc = tune_malloc() if cfg.train.malloc_tuning and self.device == "cpu" else untouched()
 
         from lowres.train.roofline_cache import gemm_shapes
 
@@ -139,7 +142,7 @@ class Recipe:
         self.batches = BatchIterator(self.data.train, cfg.train.batch_size, cfg.train.seed)
         self.info = {**info, "tokenizer": tokenizer_source, "data": self.data.stats, "device": self.device,
                      "threads": torch.get_num_threads(), "precision_reasons": self.precision.reasons,
-                     "weights_provenance": self.loc.provenance, **speed_info}
+                     "weights_provenance": self.loc.provenance, "malloc": malloc, **speed_info}
         run_id = None
         self._run_started_at = time.time()  # the origin of the system-metric steps, kept across resumes
         if resume_from is not None:
