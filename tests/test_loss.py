@@ -107,3 +107,20 @@ def test_chunked_peak_memory_is_a_fraction_of_plain():
     # Full logits + their softmax/gradient buffers are ≥ 512 MiB; 256-token chunks hold ~32 MiB at a time.
     assert full["peak"] > 400 * 2**20, full
     assert chunked["peak"] < 0.6 * full["peak"], (chunked, full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exp_rows_in_cache_sized_blocks_equals_the_whole_at_once(dtype):
+    """exp_rows' blocks (a row count that does not divide the rows, and one block of all) give the same bits,
+    and the log-sum-exp torch computes; a bf16 chunk's exponentials are written back in bf16."""
+    from lowres.train.loss import exp_rows
+
+    torch.manual_seed(0)
+    logits = (torch.randn(70, 1000) * 6).to(dtype)
+    m1, s1, e1 = exp_rows(logits.clone(), rows=32)
+    m2, s2, e2 = exp_rows(logits.clone(), rows=10**6)
+    assert torch.equal(m1, m2) and torch.equal(s1, s2) and torch.equal(e1, e2)
+    assert e1.dtype == dtype and m1.dtype == s1.dtype == torch.float32
+    ref = torch.logsumexp(logits.float(), -1, keepdim=True)
+    assert torch.allclose(m1 + s1.log(), ref, rtol=0, atol=1e-5)
+    assert torch.allclose(e1.float(), torch.exp(logits.float() - m1).to(dtype).float(), rtol=0, atol=0)

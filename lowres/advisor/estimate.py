@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lowres.advisor import compute as C
 from lowres.advisor import memory as M
 from lowres.train.attention import resolve_attention
+from lowres.train.allocator import MMAP_THRESHOLD
 
 DEFAULT_HEADROOM = 0.10
 PERSISTENT = ("lora.params", "lora.optimizer", "quantize_load")  # besides the weights: stay all run
@@ -227,14 +228,16 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     memory["activations"] = M.activation_bytes(spec, e, cand.lora_rank, cand.lora_targets, cand.batch_size,
                                                cand.seq_len, cand.gradient_checkpointing,
                                                fused, attention, cand.fused_norm)
-    memory["logits"] = M.logits_bytes(spec, e, cand.batch_size, cand.seq_len, cand.loss_chunk_tokens)
+    memory["logits"] = M.logits_bytes(spec, e, cand.batch_size, cand.seq_len, cand.loss_chunk_tokens, device)
     live = sum(memory.values())
     # Only transient tensors (activations, logits, gradients, dequant scratch) churn through the allocator;
     # weights and LoRA/optimizer states are allocated once and stay. Measured here (bench/advisor_accuracy):
     # applying the factor to the weights too over-predicted SmolLM2-135M's peak RSS by 25-35 %.
     transient = live - sum(v for k, v in memory.items() if k.startswith("weights.") or k in PERSISTENT)
-    if device == "cpu":  # a loss chunk's logits (tens of MB) are mmap'd by glibc and unmapped when freed:
-        transient -= memory["logits"]  # no fragmentation to add (the loss no longer makes a second such buffer)
+    if device == "cpu" and memory["logits"] > MMAP_THRESHOLD:
+        # a loss chunk's logits above the tuned mmap threshold (train.malloc_tuning) are mmap'd by glibc and
+        # unmapped when freed: no fragmentation to add; below it they churn through the heap like the rest
+        transient -= memory["logits"]
     allocator = M.allocator_factor(device, e) * cal.allocator_scale
     memory["allocator"] = (allocator - 1.0) * transient
     memory["runtime"] = float(M.RUNTIME_BASELINE_BYTES[device] if cal.runtime_bytes is None else cal.runtime_bytes)

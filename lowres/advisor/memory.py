@@ -282,20 +282,24 @@ def activation_bytes(spec: Any, e: int, rank: int, targets: tuple[str, ...], bat
     return tokens * per_token
 
 
-def logits_bytes(spec: Any, e: int, batch_size: int, seq_len: int, loss_chunk_tokens: int) -> float:
+def logits_bytes(spec: Any, e: int, batch_size: int, seq_len: int, loss_chunk_tokens: int,
+                 device: str = "cpu") -> float:
     """The lm_head output and the cross-entropy around it at their peak, as lowres.train.loss computes them.
 
     No chunks (``loss_chunk_tokens`` 0, ``plain_lm_loss``): the logits are upcast to fp32 and the e-byte
     originals freed; log_softmax saves its fp32 output, and in backward its incoming gradient and its input
     gradient join it: T·V·12 B for T = b·s tokens.
     Chunked (``chunked_lm_loss``, the fused linear cross-entropy of Liger-Kernel, Hsu et al. 2024): one
-    chunk's fp32 logits are alive at a time, turned into probabilities in place, plus their e-byte copy for
-    the input-gradient matmul when e < 4: min(chunk, T)·V·(4 + e if e < 4 else 4) B; and the hidden-state
-    gradient of all tokens is kept for backward: T·h·e B.
+    chunk's e-byte logits are alive at a time, turned into exponentials in place (``exp_rows``); when e < 4
+    through an fp32 scratch of ``SOFTMAX_ROWS`` rows on the CPU (of the whole chunk elsewhere):
+    min(chunk, T)·V·e + rows·V·4 B; and the hidden-state gradient of all tokens is kept for backward: T·h·e B.
     """
     tokens = batch_size * seq_len
     if loss_chunk_tokens <= 0:
         return float(tokens) * spec.vocab_size * 12
+    from lowres.train.loss import SOFTMAX_ROWS
+
     chunk = min(tokens, loss_chunk_tokens)
-    per_element = 4 + (e if e < 4 else 0)
-    return float(chunk) * spec.vocab_size * per_element + float(tokens) * spec.hidden_size * e
+    scratch_rows = 0 if e >= 4 else (min(chunk, SOFTMAX_ROWS) if device == "cpu" else chunk)
+    return (float(chunk) * spec.vocab_size * e + float(scratch_rows) * spec.vocab_size * 4
+            + float(tokens) * spec.hidden_size * e)

@@ -20,6 +20,33 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# rows of [rows × vocab] per block of the softmax's element-wise passes on the CPU: 32 × 49,152 fp32 is 6 MB,
+# which stays in cache through its five passes where the whole chunk (100 MB at 512 tokens) streams through
+# memory five times. Measured on the 2-core AMD EPYC with AVX512_BF16, 512 × 49,152: fp32 30 → 25 ms, bf16
+# (the fp32 copy, max, exp, sum and the bf16 write-back) 76 → 35 ms, bit-identical results.
+SOFTMAX_ROWS = 32
+
+
+def exp_rows(logits: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, s, e) per row of ``logits`` [n × V]: ``m = max``, ``e = exp(x − m)`` (written over ``logits``, in its
+    dtype) and ``s = Σ e`` — all computed in fp32, in blocks of ``rows`` rows on the CPU (one block elsewhere).
+    A bf16 block goes through one fp32 scratch block: no fp32 copy of the whole chunk."""
+    n, v = logits.shape
+    rows = n if logits.device.type != "cpu" else max(1, rows or SOFTMAX_ROWS)
+    m = torch.empty((n, 1), dtype=torch.float32, device=logits.device)
+    s = torch.empty((n, 1), dtype=torch.float32, device=logits.device)
+    scratch = None if logits.dtype == torch.float32 else torch.empty((min(rows, n), v), dtype=torch.float32,
+                                                                     device=logits.device)
+    for a in range(0, n, rows):
+        block = logits[a:a + rows]
+        k = block.shape[0]
+        work = block if scratch is None else scratch[:k].copy_(block)
+        torch.amax(work, -1, keepdim=True, out=m[a:a + k])
+        work.sub_(m[a:a + k]).exp_()
+        torch.sum(work, -1, keepdim=True, out=s[a:a + k])
+        if scratch is not None:
+            block.copy_(work)
+    return m, s, logits
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -62,23 +89,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             keep = yc != IGNORE_INDEX
             if not bool(keep.any()):
                 continue  # no targets here: zero loss, zero gradient
-            logits = (onednn_linear(hc, weight, bias) if onednn else F.linear(hc, weight, bias)).float()
+            logits = onednn_linear(hc, weight, bias) if onednn else F.linear(hc, weight, bias)
             safe_y = yc.clamp_min(0)
-            target = logits.gather(1, safe_y[:, None])
-            # log-sum-exp and softmax in place in the one fp32 logits buffer: m = max, e = exp(x − m),
-            # s = Σe, loss = m + log s − x_target, softmax = e / s — five passes, no temporary of its size
-            m = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(m).exp_()
-            s = e.sum(dim=-1, keepdim=True)
-            total += ((m + s.log() - target).squeeze(1) * keep).sum()
-            # d(sum CE)/d logits = softmax − onehot on kept rows, 0 on ignored ones
-            inv = s.reciprocal_()
+            target = logits.gather(1, safe_y[:, None]).float()
             if grad_w is None and grad_b is None:
-                # only the input's gradient: (softmax − onehot) W = (1/s)·(e W) − W[y], per kept row. The
-                # softmax is never formed (no scaling or scatter pass over [tokens × vocab]); the onehot
-                # term is subtracted in fp32 at [tokens × hidden]
+                # log-sum-exp in place in the logits buffer, block by block (exp_rows): m = max,
+                # e = exp(x − m), s = Σe, loss = m + log s − x_target
+                m, s, e = exp_rows(logits)
+                total += ((m + s.log() - target).squeeze(1) * keep).sum()
+                # only the input's gradient: d(sum CE)/d logits = softmax − onehot on kept rows, so the
+                # gradient is (1/s)·(e W) − W[y], per kept row. The softmax is never formed (no scaling or
+                # scatter pass over [tokens × vocab]); the onehot term is subtracted in fp32 at [tokens × hidden]
+                inv = s.reciprocal_()
                 if grad_h is not None:
-                    e_c = e.to(hc.dtype)
+                    e_c = e if e.dtype == hc.dtype else e.to(hc.dtype)
                     ew = onednn_linear(e_c, weight.t()) if onednn else e_c @ weight
                     gh = ew.float().mul_(inv).sub_(weight[safe_y].float())
                     if not bool(keep.all()):
@@ -87,7 +111,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     del e_c, ew, gh
                 del logits, e
                 continue
-            probs = e.mul_(inv)  # a trainable head or bias: its gradients want the fp32 softmax
+            # a trainable head or bias: its gradients want the fp32 softmax, formed in one fp32 logits buffer
+            logits = logits.float()
+            m = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(m).exp_()
+            s = e.sum(dim=-1, keepdim=True)
+            total += ((m + s.log() - target).squeeze(1) * keep).sum()
+            probs = e.mul_(s.reciprocal_())
             rows = torch.arange(probs.shape[0], device=probs.device)
             probs[rows, safe_y] -= 1.0
             if not bool(keep.all()):
