@@ -98,9 +98,10 @@ class TrainConfig(_Section):
     compile: bool = Field(False, description="torch.compile the decoder (CPU: inductor); the first step "
                           "compiles (timed, cached on disk); see lowres.train.speed")
     attention: Literal["auto", "sdpa", "bmm", "eager"] = Field(
-        "auto", description="attention kernel: sdpa (torch's fused flash kernel), bmm (three batched GEMMs, the "
-        "probabilities saved: faster for short bf16 sequences on a CPU, s² memory), eager (the model's own), or "
-        "auto (bmm on the CPU in bf16 up to 512 tokens a sequence, else sdpa); see lowres.train.attention")
+        "auto", description="attention kernel: sdpa (torch's fused flash kernel), bmm (batched GEMMs, the "
+        "probabilities saved: faster for short sequences on a CPU, s² memory), eager (the model's own), or "
+        "auto (bmm on the CPU in bf16 or fp32 up to 512 tokens a sequence, block-causal where unpadded, else "
+        "sdpa); see lowres.train.attention")
     optimizer_impl: Literal["fused", "foreach", "loop"] = Field("fused", description="AdamW implementation")
     fused_lora: bool = Field(True, description="each LoRA linear as one autograd Function (the frozen GEMM with "
                              "the rank-r term added in place; no separate scale, add and copies over the output); "

@@ -267,7 +267,7 @@ def measure_attention_flops(heads: int, kv_heads: int, head_dim: int, seq_len: i
     """FLOP/s of causal attention forward + backward at the run's length, one sequence, in the units of
     lowres.advisor.compute (12·s²·heads·d per sequence and layer: 4 forward, 8 backward, no causal halving):
     torch's SDPA, or with ``impl="bmm"`` lowres.train.attention's kernel (what ``train.attention=auto`` runs
-    for short bf16 sequences on the CPU). Long sequences are timed at a shorter length that fits the budget
+    for short sequences on the CPU, block-causal where it runs so). Long sequences are timed at a shorter length that fits the budget
     (attention's rate changes little)."""
     import torch
     import torch.nn.functional as F
@@ -281,12 +281,10 @@ def measure_attention_flops(heads: int, kv_heads: int, head_dim: int, seq_len: i
     v = torch.randn(1, kv_heads, s, head_dim, dtype=dt, requires_grad=True)
     gqa = {"enable_gqa": True} if heads != kv_heads else {}
     if impl == "bmm":
-        from lowres.train.attention import _additive_mask, _function
-
-        mask = _additive_mask(None, 1, heads, kv_heads, s, dt, "cpu")
+        from lowres.train.attention import causal_attention
 
         def run():
-            _function().apply(q, k, v, mask, head_dim ** -0.5).float().sum().backward()
+            causal_attention(q, k, v, head_dim ** -0.5).float().sum().backward()
     else:
         def run():
             F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa).float().sum().backward()

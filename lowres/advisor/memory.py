@@ -219,7 +219,9 @@ def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: 
     the compute dtype, shared as in fp32 above, and A's output in the compute dtype: in·e per input group and
     r·e per target.
     With ``attention="bmm"`` (lowres.train.attention) the attention saves q, k, v and its probabilities —
-    heads·s elements per token — instead of the logsumexp (its output is o's saved input either way).
+    heads·s elements per token in one block, fewer in several (``probabilities_per_sequence``: a causal
+    sequence in n query blocks keeps about (n + 1)/(2n) of them) — instead of the logsumexp (its output is
+    o's saved input either way).
     With ``fused_norm`` (lowres.train.norms) each RMSNorm saves its input as it came (h·e) and one fp32
     reciprocal RMS per token.
     Checked against the tensors autograd saves (saved_tensors_hooks, torch 2.13 CPU, transformers 5.23,
@@ -229,8 +231,11 @@ def activation_bytes_per_token_per_layer(spec: Any, e: int, rank: int, targets: 
     shapes = linear_shapes(spec)
     total = 2 * (h * e + 4.0) if fused_norm else 2 * h * 4.0   # RMSNorm inputs (fp32 unless fused)
     q_out, kv_out = shapes["q"][1], shapes["k"][1]
-    if attention == "bmm":  # q, k, v, the output (o's input); the probabilities
-        total += (2 * q_out + 2 * kv_out) * e + a * seq_len * e + 8
+    if attention == "bmm":  # q, k, v, the output (o's input); the probabilities (fewer when block-causal)
+        from lowres.train.attention import probabilities_per_sequence
+
+        probs = probabilities_per_sequence(seq_len, e) / seq_len if seq_len > 0 else 0.0
+        total += (2 * q_out + 2 * kv_out) * e + a * probs * e + 8
     else:
         total += (2 * q_out + 2 * kv_out) * e + 4 * a + 8     # SDPA: q, k, v, output; logsumexp
     total += 3 * i * e                       # SwiGLU: gate out, SiLU out, up out

@@ -30,7 +30,8 @@ FAMILIES = ("matmul", "attention", "norm/element-wise", "optimizer", "other")
 OPTIMIZER_MARK = "lowres.optimizer"  # the record_function label of the recipe's optimizer phase (PhaseTimer)
 # profiler ranges whose ops all belong to one family: the optimizer phase, lowres' bmm attention (its autograd
 # Function forward and backward, lowres.train.attention)
-MARKS = {OPTIMIZER_MARK: "optimizer", "BmmAttention": "attention", "BmmAttentionBackward": "attention"}
+MARKS = {OPTIMIZER_MARK: "optimizer", "BmmAttention": "attention", "BmmAttentionBackward": "attention",
+         "BlockedCausalAttention": "attention", "BlockedCausalAttentionBackward": "attention"}
 TRACE_NAME = "torch_trace.json.gz"
 TABLE_NAME = "op_profile.json"
 
