@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lowres.advisor import compute as C
 from lowres.advisor import memory as M
-from lowres.train.attention import resolve_attention
 from lowres.train.allocator import MMAP_THRESHOLD
+from lowres.train.attention import resolve_attention
 
 DEFAULT_HEADROOM = 0.10
 PERSISTENT = ("lora.params", "lora.optimizer", "quantize_load")  # besides the weights: stay all run
