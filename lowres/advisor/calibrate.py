@@ -266,9 +266,9 @@ def measure_attention_flops(heads: int, kv_heads: int, head_dim: int, seq_len: i
                             budget_s: float = 1.5, impl: str = "sdpa") -> float | None:
     """FLOP/s of causal attention forward + backward at the run's length, one sequence, in the units of
     lowres.advisor.compute (12·s²·heads·d per sequence and layer: 4 forward, 8 backward, no causal halving):
-    torch's SDPA, or with ``impl="bmm"`` lowres.train.attention's kernel (what ``train.attention=auto`` runs
-    for short sequences on the CPU, block-causal where it runs so). Long sequences are timed at a shorter length that fits the budget
-    (attention's rate changes little)."""
+    torch's SDPA, or with ``impl="bmm"`` lowres.train.attention's kernel as the recipe runs it (what
+    ``train.attention=auto`` picks for short sequences on the CPU; block-causal where unpadded). Long sequences
+    are timed at a shorter length that fits the budget (attention's rate changes little)."""
     import torch
     import torch.nn.functional as F
 

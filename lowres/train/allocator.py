@@ -51,12 +51,13 @@ def tune_malloc() -> str:
         return _applied
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        ok = (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+              and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
     except (OSError, AttributeError) as e:
         _applied = f"unchanged (glibc {version}: {e})"
         return _applied
-    _applied = (f"glibc {version}: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
-                if ok else f"unchanged (glibc {version} refused mallopt)")
+    _applied = (f"glibc {version}: mmap threshold {MMAP_THRESHOLD >> 20} MiB, "
+                f"trim threshold {TRIM_THRESHOLD >> 20} MiB" if ok else f"unchanged (glibc {version} refused mallopt)")
     return _applied
 
 

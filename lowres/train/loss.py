@@ -92,15 +92,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = onednn_linear(hc, weight, bias) if onednn else F.linear(hc, weight, bias)
             safe_y = yc.clamp_min(0)
             target = logits.gather(1, safe_y[:, None]).float()
-            if grad_w is None and grad_b is None:
-                # log-sum-exp in place in the logits buffer, block by block (exp_rows): m = max,
-                # e = exp(x − m), s = Σe, loss = m + log s − x_target
-                m, s, e = exp_rows(logits)
-                total += ((m + s.log() - target).squeeze(1) * keep).sum()
-                # only the input's gradient: d(sum CE)/d logits = softmax − onehot on kept rows, so the
-                # gradient is (1/s)·(e W) − W[y], per kept row. The softmax is never formed (no scaling or
-                # scatter pass over [tokens × vocab]); the onehot term is subtracted in fp32 at [tokens × hidden]
-                inv = s.reciprocal_()
+            input_only = grad_w is None and grad_b is None
+            if not input_only:
+                logits = logits.float()  # a trainable head or bias: its gradients want the fp32 softmax
+            # log-sum-exp in place in the logits buffer, block by block (exp_rows): m = max, e = exp(x − m),
+            # s = Σe, loss = m + log s − x_target
+            m, s, e = exp_rows(logits)
+            total += ((m + s.log() - target).squeeze(1) * keep).sum()
+            # d(sum CE)/d logits = softmax − onehot on kept rows, 0 on ignored ones
+            inv = s.reciprocal_()
+            if input_only:
+                # only the input's gradient: (softmax − onehot) W = (1/s)·(e W) − W[y], per kept row. The
+                # softmax is never formed (no scaling or scatter pass over [tokens × vocab]); the onehot term
+                # is subtracted in fp32 at [tokens × hidden]
                 if grad_h is not None:
                     e_c = e if e.dtype == hc.dtype else e.to(hc.dtype)
                     ew = onednn_linear(e_c, weight.t()) if onednn else e_c @ weight
@@ -111,13 +115,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     del e_c, ew, gh
                 del logits, e
                 continue
-            # a trainable head or bias: its gradients want the fp32 softmax, formed in one fp32 logits buffer
-            logits = logits.float()
-            m = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(m).exp_()
-            s = e.sum(dim=-1, keepdim=True)
-            total += ((m + s.log() - target).squeeze(1) * keep).sum()
-            probs = e.mul_(s.reciprocal_())
+            probs = e.mul_(inv)
             rows = torch.arange(probs.shape[0], device=probs.device)
             probs[rows, safe_y] -= 1.0
             if not bool(keep.all()):
