@@ -191,9 +191,9 @@ class HFWorker:
         if loc.path and loc.kind != "random-init":
             base = AutoModelForCausalLM.from_pretrained(loc.path, dtype=torch.float32)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # lowres' random init: seed train.seed = 0
-                base = AutoModelForCausalLM.from_config(loc.spec.to_hf_config(), dtype=torch.float32)
+            from lowres.models.loading import random_model
+
+            base = random_model(loc.spec.to_hf_config(), torch.float32, 0)  # lowres' random init, train.seed = 0
         base.config.use_cache = False
         torch.manual_seed(0)
         self.model = get_peft_model(base, LoraConfig(

@@ -66,14 +66,49 @@ def quiet_hf_progress():
             hf_logging.enable_progress_bar()
 
 
-def _random_model(loc: Any, dtype: Any, seed: int):
+def random_model(hf_config: Any, dtype: Any, seed: int):
+    """A causal LM of ``hf_config`` with random weights (seeded), each parameter allocated and initialized once.
+
+    ``AutoModelForCausalLM.from_config`` initializes every tensor twice (torch's ``reset_parameters`` in each
+    module's constructor, then the family's ``_init_weights``) and, for tied embeddings, first builds and
+    initializes an lm_head weight of its own that tying then drops: a transient vocab × hidden tensor at the
+    build's peak (+320 MiB for a 262k × 640 bf16 head, which put the build above the training peak). Built
+    here on the meta device instead, then given memory (``to_empty``) and initialized once by the family's own
+    ``initialize_weights`` — the same distributions, buffers recomputed by it. Every parameter and floating
+    buffer is set to NaN before that; a family whose init leaves any of them NaN (remote code, say), or one
+    with an integer buffer that check cannot see, is built by ``from_config`` instead. The caller's RNG is
+    not moved (data order and dropout stay reproducible)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    # fork_rng: the model's init must not move the caller's RNG (data order, dropout stay reproducible)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(loc.spec.to_hf_config(), dtype=dtype)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        if all(b.is_floating_point() for b in model.buffers()):
+            model.to_empty(device="cpu")
+            model.tie_weights()  # to_empty gave tied weights a tensor each: tie again before either is touched
+            with torch.no_grad():
+                for t in (*model.parameters(), *model.buffers()):
+                    t.fill_(float("nan"))
+            model.initialize_weights()
+            model.tie_weights()
+            if not any(_has_nan(t) for t in (*model.parameters(), *model.buffers())):
+                return model
+        del model
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def _has_nan(t: Any, chunk: int = 1 << 22) -> bool:
+    """Whether ``t`` holds a NaN, checked 4M elements at a time: ``isnan`` of a whole 262k-vocabulary
+    embedding would allocate its own tensor-sized temporaries, at the build's peak."""
+    flat = t.detach().reshape(-1)
+    return any(bool(flat[i:i + chunk].isnan().any()) for i in range(0, flat.numel(), chunk))
+
+
+def _random_model(loc: Any, dtype: Any, seed: int):
+    return random_model(loc.spec.to_hf_config(), dtype, seed)
 
 
 def _base_model(loc: Any, rp: ResolvedPrecision, device: str, seed: int):
