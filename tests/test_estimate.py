@@ -235,3 +235,25 @@ def test_cli_advise_reads_the_roofline_measured_here_without_measuring(tmp_path,
     from lowres.advisor.compute import CPU_NON_GEMM_FACTOR
 
     assert after["step_time_s"] == pytest.approx(after["flops_per_step"] / 1e11 * CPU_NON_GEMM_FACTOR["fp32"], rel=1e-6)
+
+
+def test_a_quantized_base_counts_fp32_activations_and_reuses_its_load_copy(spec):
+    """peft's k-bit preparation keeps norms, embeddings and head in fp32, so a 4-bit base's hidden states —
+    its saved activations and logits — are fp32 whatever the compute dtype; and the full-precision copy
+    quantizing at load leaves in the heap is reused by the step's transients, so only what they do not fill
+    adds to the peak (CPU)."""
+    avx512 = load_profile("laptop-16g-avx512bf16")
+    nf4 = estimate(spec, avx512, Candidate(compute="bf16", quant="nf4", batch_size=2, seq_len=128))
+    plain32 = estimate(spec, avx512, Candidate(compute="fp32", quant="none", batch_size=2, seq_len=128,
+                                               fused_lora=False))
+    assert nf4.memory["activations"] == pytest.approx(plain32.memory["activations"], rel=1e-9)
+    assert nf4.memory["logits"] == pytest.approx(plain32.memory["logits"], rel=1e-9)
+    assert nf4.allocator_factor == pytest.approx(M.allocator_factor("cpu", 4))
+    assert nf4.peak_bytes == pytest.approx(sum(nf4.memory.values()), rel=1e-12)
+    load_copy = M.quantize_load_bytes(spec, 2, "nf4")
+    # 256 tokens of transients outweigh the 200 MiB copy: none of it shows; one token's do not: most of it does
+    assert nf4.memory["quantize_load"] == 0.0
+    tiny_step = estimate(spec, avx512, Candidate(compute="bf16", quant="nf4", batch_size=1, seq_len=1))
+    assert 0.5 * load_copy < tiny_step.memory["quantize_load"] < load_copy
+    assert tiny_step.memory["quantize_load"] == pytest.approx(
+        load_copy - tiny_step.transient_bytes - tiny_step.memory["allocator"], rel=1e-9)

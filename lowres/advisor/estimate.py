@@ -18,7 +18,7 @@ from lowres.train.allocator import MMAP_THRESHOLD
 from lowres.train.attention import resolve_attention
 
 DEFAULT_HEADROOM = 0.10
-PERSISTENT = ("lora.params", "lora.optimizer", "quantize_load")  # besides the weights: stay all run
+PERSISTENT = ("lora.params", "lora.optimizer", "quantize_load")  # besides the weights: not churned by a step
 
 
 class Candidate(BaseModel):
@@ -219,16 +219,21 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
 
     memory: dict[str, float] = {}
     memory.update(M.weight_bytes(spec, e, cand.quant, cand.double_quant))
-    memory["quantize_load"] = M.quantize_load_bytes(spec, e, cand.quant)
+    quantize_load = M.quantize_load_bytes(spec, e, cand.quant)
+    memory["quantize_load"] = 0.0  # set below: what of it the step's transients do not reuse
     memory["dequant_scratch"] = M.dequant_scratch_bytes(spec, e, cand.quant)
     memory.update(M.lora_state_bytes(lora_n, cand.optimizer))
     # lowres.train.speed's Function runs fp32/bf16 LoRA layers over a plain base; peft's forward the rest
     fused = cand.fused_lora and cand.quant == "none" and compute != "fp16"
     attention = resolve_attention(cand.attention, device, compute, cand.seq_len)
-    memory["activations"] = M.activation_bytes(spec, e, cand.lora_rank, cand.lora_targets, cand.batch_size,
+    # A quantized base goes through peft's k-bit preparation, which keeps every unquantized tensor (norms,
+    # embeddings, lm_head) in fp32: the hidden states, and so the saved activations and the logits, are fp32
+    # whatever the compute dtype (a census of saved tensors, bf16/nf4: all fp32), and churn as fp32 does.
+    e_act = 4 if cand.quant != "none" else e
+    memory["activations"] = M.activation_bytes(spec, e_act, cand.lora_rank, cand.lora_targets, cand.batch_size,
                                                cand.seq_len, cand.gradient_checkpointing,
                                                fused, attention, cand.fused_norm)
-    memory["logits"] = M.logits_bytes(spec, e, cand.batch_size, cand.seq_len, cand.loss_chunk_tokens, device)
+    memory["logits"] = M.logits_bytes(spec, e_act, cand.batch_size, cand.seq_len, cand.loss_chunk_tokens, device)
     live = sum(memory.values())
     # Only transient tensors (activations, logits, gradients, dequant scratch) churn through the allocator;
     # weights and LoRA/optimizer states are allocated once and stay. Measured here (bench/advisor_accuracy):
@@ -238,8 +243,14 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
         # a loss chunk's logits above the tuned mmap threshold (train.malloc_tuning) are mmap'd by glibc and
         # unmapped when freed: no fragmentation to add; below it they churn through the heap like the rest
         transient -= memory["logits"]
-    allocator = M.allocator_factor(device, e) * cal.allocator_scale
+    allocator = M.allocator_factor(device, e_act) * cal.allocator_scale
     memory["allocator"] = (allocator - 1.0) * transient
+    # The full-precision copy quantizing at load leaves in glibc's heap is reused by the step's transient
+    # tensors: only what they do not fill raises the peak. Measured on the Xeon with AMX (SmolLM2-135M
+    # bf16/nf4, micro-batch 1/2/4 at 128 tokens): the peaks sat 200 MiB (the whole copy) below an estimate
+    # that added it, at every batch. On CUDA (not measured) it is still added whole.
+    memory["quantize_load"] = (max(0.0, quantize_load - transient - memory["allocator"]) if device == "cpu"
+                               else quantize_load)
     memory["runtime"] = float(M.RUNTIME_BASELINE_BYTES[device] if cal.runtime_bytes is None else cal.runtime_bytes)
     memory["calibration"] = (cal.memory_factor - 1.0) * sum(memory.values())
     peak = sum(memory.values())

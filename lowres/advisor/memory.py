@@ -152,7 +152,8 @@ def quantize_load_bytes(spec: Any, e: int, quant: str) -> float:
     resident at the load-time peak (and glibc keeps most of it). Zero unquantized.
     Measured here (SmolLM2-135M, random-init): int8 over fp32 peaked 420 MiB above the trained-state
     estimate, nf4 over bf16 200 MiB — its 106M linear weights × 4 B and × 2 B. Loading pretrained shards
-    tensor by tensor may peak lower; probes calibrate it."""
+    tensor by tensor may peak lower; probes calibrate it. The estimate counts only what of it the step's
+    transient tensors do not reuse (lowres.advisor.estimate)."""
     if quant == "none":
         return 0.0
     return float(parameter_counts(spec)["linear"] * e)
