@@ -106,6 +106,9 @@ class TrainConfig(_Section):
     fused_lora: bool = Field(True, description="each LoRA linear as one autograd Function (the frozen GEMM with "
                              "the rank-r term added in place; no separate scale, add and copies over the output); "
                              "false = peft's own forward; see lowres.train.speed")
+    lora_groups: bool = Field(True, description="with fused_lora, sibling LoRA layers that read the same input "
+                              "(q/k/v, gate/up) run as one GEMM over one buffer of their frozen weights and A "
+                              "matrices; false = one GEMM each; see lowres.train.lora_groups")
     fused_norm: bool = Field(True, description="RMSNorm layers as one autograd Function each (same arithmetic, "
                              "saves the input and one reciprocal RMS per token) where it reproduces the family's "
                              "own norm, checked once per class; false = the model's own; see lowres.train.norms")
@@ -181,7 +184,7 @@ class RunConfig(_Section):
             d["train"].pop("attention", None)
         # the same products in another order (tested), or the same arithmetic (malloc): results hold; and runs
         # from before these defaults changed keep their hashes
-        for key in ("fused_lora", "fused_norm", "gemm", "malloc_tuning"):
+        for key in ("fused_lora", "lora_groups", "fused_norm", "gemm", "malloc_tuning"):
             d["train"].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -86,7 +86,8 @@ def _losses(tmp_path, name: str, steps: int = 3, **extra) -> tuple[list[float], 
 OPTIONS = [{"train.attention": "eager"}, {"train.attention": "sdpa"}, {"train.attention": "bmm"},
            {"train.fused_norm": "false"}, {"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"},
            {"train.loss_chunk_tokens": 0}, {"train.threads": 1}, {"train.gemm": "torch"}, {"train.gemm": "onednn"},
-           {"train.fused_lora": "false", "train.gemm": "torch"}, {"train.malloc_tuning": "false"}]
+           {"train.fused_lora": "false", "train.gemm": "torch"}, {"train.malloc_tuning": "false"},
+           {"train.lora_groups": "false"}]
 
 
 def test_speed_options_keep_the_loss_curve(tmp_path):
@@ -98,6 +99,7 @@ def test_speed_options_keep_the_loss_curve(tmp_path):
     # the defaults: every LoRA layer through lowres' Function, the GEMM library measured faster here, the
     # attention kernel auto picks for this dtype and length (32 tokens: bmm in bf16, sdpa in fp32)
     assert info["fused_lora_layers"] > 0 and info["fused_norm_layers"] > 0 and not info["compiled"]
+    assert info["grouped_lora_layers"] > 0  # q/k/v and gate/up of the tiny preset
     assert info["attention"] == resolve_attention("auto", "cpu", info["dtype"], 32)
     assert info["gemm"] in (("torch", "onednn") if onednn_available() else ("torch",))
     from lowres.train.allocator import glibc_version
@@ -111,6 +113,7 @@ def test_speed_options_keep_the_loss_curve(tmp_path):
         peft_path = option.get("train.fused_lora") == "false"
         assert (info["fused_lora_layers"] == 0) == peft_path  # the option did what it claims
         assert (info["fused_norm_layers"] == 0) == (option.get("train.fused_norm") == "false")
+        assert (info["grouped_lora_layers"] == 0) == (peft_path or option.get("train.lora_groups") == "false")
         assert info["gemm"] == option.get("train.gemm", info["gemm"])
         if option.get("train.malloc_tuning") == "false":
             # mallopt is process-wide: the default run above tuned it, and the run says false did not undo it

@@ -67,3 +67,17 @@ def untouched() -> str:
     if _applied is not None and _applied.startswith("glibc"):
         return f"{_applied} (tuned earlier in this process: false does not undo it)"
     return "unchanged"
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``), once setup is done: what
+    loading and setup freed (a checkpoint's transients, base weights moved into lowres.train.lora_groups'
+    buffers) otherwise stays in the process, often in a loader thread's arena that the training thread never
+    allocates from, and counts in the run's peak RSS. True where it ran (glibc)."""
+    if glibc_version() is None:
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

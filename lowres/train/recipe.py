@@ -136,6 +136,10 @@ class Recipe:
         attention = resolve_attention(cfg.train.attention, "cuda" if self.device.startswith("cuda") else "cpu",
                                       self.precision.compute_dtype, cfg.data.max_length)
         speed_info = speed.apply(self.model, cfg.train, self.gemm, attention)
+        if self.device == "cpu":
+            from lowres.train.allocator import release_free_memory
+
+            release_free_memory()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)

@@ -232,6 +232,11 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     narrow range)."""
     import torch
 
+    group = getattr(self, "_lowres_group", None)
+    if group is not None and not args and not kwargs and not torch.compiler.is_compiling():
+        out = group.output(self, x)
+        if out is not None:
+            return out
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
     base = self.base_layer
@@ -248,9 +253,10 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def fuse_lora(model: Any, gemm: str = "torch") -> int:
-    """Give every peft LoRA Linear of ``model`` the fused forward (its base GEMM through ``gemm``); the number
-    of layers changed."""
+def fuse_lora(model: Any, gemm: str = "torch", groups: bool = True) -> int:
+    """Give every peft LoRA Linear of ``model`` the fused forward (its base GEMM through ``gemm``); with
+    ``groups``, sibling layers that read the same input (q/k/v, gate/up) also share one GEMM
+    (lowres.train.lora_groups). The number of layers changed."""
     import types
 
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -263,6 +269,10 @@ def fuse_lora(model: Any, gemm: str = "torch") -> int:
                 module.forward = types.MethodType(_fused_lora_forward, module)
             module._lowres_gemm = gemm
             n += 1
+    if groups:
+        from lowres.train.lora_groups import group_siblings
+
+        group_siblings(model)
     return n
 
 
@@ -347,7 +357,8 @@ def apply(model: Any, train_cfg: Any, gemm: str = "torch", attention: str | None
     traces what the others set up); what was done, for the run's info."""
     attention = attention or ("sdpa" if train_cfg.attention == "auto" else train_cfg.attention)
     set_attention(model, attention)
-    fused = fuse_lora(model, gemm) if getattr(train_cfg, "fused_lora", False) or gemm == "onednn" else 0
+    fused = (fuse_lora(model, gemm, groups=getattr(train_cfg, "lora_groups", False))
+             if getattr(train_cfg, "fused_lora", False) or gemm == "onednn" else 0)
     if getattr(train_cfg, "fused_norm", False):
         from lowres.train.norms import fuse_norms
 
@@ -355,8 +366,9 @@ def apply(model: Any, train_cfg: Any, gemm: str = "torch", attention: str | None
     else:
         norms = 0
     compiled = compile_decoder(model) if train_cfg.compile else False
+    grouped = sum(getattr(m, "_lowres_group", None) is not None for m in model.modules())
     return {"attention": attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl,
-            "fused_lora_layers": fused, "fused_norm_layers": norms, "gemm": gemm}
+            "fused_lora_layers": fused, "grouped_lora_layers": grouped, "fused_norm_layers": norms, "gemm": gemm}
 
 
 def compile_seconds(step_seconds: list[float]) -> float | None:
