@@ -56,3 +56,23 @@ def test_a_roofline_below_an_achieved_rate_is_raised_so_mfu_stays_at_most_one(tm
     assert cached.source == "cache" and cached.flops_per_s == pytest.approx(new.flops_per_s)
     # a roofline that holds is returned unchanged, without measuring
     assert raise_to_achieved(new, new.flops_per_s / 2, fingerprint="fp-test", path=path) is new
+
+
+def test_a_huge_vocabulary_head_is_measured_without_its_full_operand():
+    """The roofline times the LM head's GEMM at most MAX_COLUMNS wide: a 262k-vocabulary head's full operand
+    (1 GiB in fp32 at hidden 1024) must not become the first run's memory peak. VmHWM in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from lowres.train.mfu import measure_gemm_flops\n"
+        "torch.ones(1)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "f = measure_gemm_flops([(64, 1024, 262144)], 'fp32', budget_s=0.2)\n"
+        "print(f > 0, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    ok, grew_mib = out.stdout.split()
+    assert ok == "True"
+    assert int(grew_mib) < 256  # the full [1024 × 262144] fp32 operand alone would be 1,024 MiB

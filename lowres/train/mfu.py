@@ -56,6 +56,9 @@ class RooflineResult:
     measured_at: float
 
 
+MAX_COLUMNS = 16384  # the widest N a roofline GEMM is measured at (measure_gemm_flops)
+
+
 def measure_gemm_flops(shapes: list[tuple[int, int, int]], dtype: str, device: str = "cpu",
                        budget_s: float = 3.0) -> float:
     """Best FLOP/s over ``shapes`` (2·M·K·N per GEMM), each run warm then timed for a share of ``budget_s``.
@@ -63,13 +66,17 @@ def measure_gemm_flops(shapes: list[tuple[int, int, int]], dtype: str, device: s
     The best of several repeats, not the mean: on a shared machine the fastest run is the one least
     disturbed, and a peak is what a roofline is. Bounded by time, not by a repeat count: each shape is first
     timed on a slice of at most 16 rows, and M is cut so one run takes at most a third of the shape's share
-    of ``budget_s`` (a 152k-vocabulary head in an emulated dtype would otherwise take minutes per run).
+    of ``budget_s`` (a 152k-vocabulary head in an emulated dtype would otherwise take minutes per run). N is
+    cut to ``MAX_COLUMNS``: a 262k-vocabulary head's full operand (Gemma 3: 320 MiB in bf16, more in fp32)
+    and output would otherwise be the first run's memory peak, above its training's; 16k columns keep the
+    GEMM as wide as any block projection.
     """
     dt = DTYPES[dtype]
     best = 0.0
     per_shape = budget_s / max(1, len(shapes))
     g = torch.Generator(device="cpu").manual_seed(0)
     for m, k, n in shapes:
+        n = min(n, MAX_COLUMNS)
         a = torch.randn(m, k, generator=g).to(device=device, dtype=dt)
         # a constant (normal, non-zero) operand: CPU and GPU GEMMs run at the same speed on any normal values,
         # and filling it is a memset, where randn of a 262k-vocabulary head took seconds on a busy machine
