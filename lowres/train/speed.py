@@ -19,6 +19,8 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
   also keeps the adapter's GEMMs in the compute dtype (peft casts every LoRA layer's input to fp32). Falls back
   to peft's forward for anything else (dropout, DoRA, several adapters, a quantized base, autocast, fp16, a
   disabled or merged adapter).
+* ``lora_groups``: with ``fused_lora``, sibling LoRA layers that read the same input (q/k/v, gate/up) as one
+  GEMM over one buffer of their frozen weights and A matrices (lowres.train.lora_groups).
 * ``fused_norm``: RMSNorm layers as one autograd Function each where it reproduces the family's own norm
   (``lowres.train.norms``, checked once per class).
 * ``gemm``: ``onednn`` runs the frozen fp32 GEMMs — each LoRA layer's base projection and the LM head, forward
