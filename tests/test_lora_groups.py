@@ -213,18 +213,38 @@ def _file_rss_kib(path) -> int:
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise and smaps are Linux's")
 def test_release_pages_drops_a_mapped_tensor_from_rss_and_keeps_its_data(tmp_path):
-    """A weight read from a mapped checkpoint and copied into a group's buffer leaves this process' RSS."""
+    """A weight read from a mapped checkpoint and copied into a group's buffer leaves this process' RSS; heap
+    memory and pages another tensor lies on are never dropped."""
     import numpy as np
 
-    from lowres.train.lora_groups import release_pages
+    from lowres.train.lora_groups import Droppable, _byte_range, release_pages
 
     path = tmp_path / "w.bin"
     data = np.arange(4 << 20, dtype=np.float32)  # 16 MiB
     data.tofile(path)
     t = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r").view(np.float32))
     assert float(t.double().sum()) == float(data.astype(np.float64).sum())  # every page touched
-    before = _file_rss_kib(path)
-    assert before > 12 << 10
-    release_pages(t)
+    assert _file_rss_kib(path) > 12 << 10
+    # another tensor of the model on the same pages (a view of its first half): nothing dropped
+    assert not release_pages(t, Droppable([_byte_range(t), _byte_range(t[: 2 << 20])]))
+    assert _file_rss_kib(path) > 12 << 10
+    assert release_pages(t, Droppable([_byte_range(t)]))
     assert _file_rss_kib(path) < 1 << 10
     assert torch.equal(t[:5], torch.arange(5, dtype=torch.float32))  # read again from the file
+    heap = torch.arange(4 << 20, dtype=torch.float32)
+    assert not release_pages(heap, Droppable([_byte_range(heap)]))
+    assert float(heap.double().sum()) == float(data.astype(np.float64).sum())
+
+
+def test_weights_tied_across_layers_are_not_grouped():
+    """A base weight that another module also holds (tied) stays where it is: a group would untie it."""
+    from lowres.train.speed import fuse_lora
+
+    model = _peft_model("llama", torch.float32)
+    layers = model.base_model.model.model.layers
+    layers[1].self_attn.k_proj.base_layer.weight = layers[0].self_attn.k_proj.base_layer.weight
+    fuse_lora(model)
+    assert getattr(layers[0].self_attn.q_proj, "_lowres_group", None) is None
+    assert getattr(layers[1].self_attn.q_proj, "_lowres_group", None) is None
+    assert layers[0].mlp.up_proj._lowres_group is not None  # the untied siblings still are
+    assert layers[1].self_attn.k_proj.base_layer.weight is layers[0].self_attn.k_proj.base_layer.weight

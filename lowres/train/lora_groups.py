@@ -3,7 +3,9 @@ projections — run as one GEMM (``train.fused_lora``'s grouped form; lowres.tra
 
 At setup the siblings' frozen weights are moved into one buffer ``C`` = [W₁; …; Wₙ; A-rows], each layer's
 ``base_layer.weight`` becoming a contiguous row block of it (no second copy: the same memory as before, plus
-the rank-r rows). A forward of the group, run when the first sibling is called:
+the rank-r rows; the file pages of a memory-mapped checkpoint that the move read are dropped, see
+``release_pages``). A weight that another module also holds (tied across layers) is not moved: its siblings
+stay single layers. A forward of the group, run when the first sibling is called:
 
 * copies the adapters' A matrices (cast to the compute dtype: r × in elements each) into C's A-rows;
 * ``Y = x Cᵀ``: every sibling's frozen output and every ``h = x Aᵢᵀ`` in one GEMM, where the layers ran n
@@ -35,7 +37,7 @@ class LoraGroup:
     """n peft LoRA Linear layers (one adapter each, the same input width, dtype and device) whose frozen
     weights live in one buffer."""
 
-    def __init__(self, layers: list, adapter: str):
+    def __init__(self, layers: list, adapter: str, droppable: Any = None):
         import torch
 
         self.layers = layers
@@ -53,7 +55,8 @@ class LoraGroup:
             for layer, n in zip(layers, self.outs):
                 base = layer.base_layer
                 c[off:off + n].copy_(base.weight)
-                release_pages(base.weight)
+                if droppable is not None:
+                    release_pages(base.weight, droppable)
                 base.weight.data = c[off:off + n]
                 if base.bias is not None:
                     bias[off:off + n].copy_(base.bias)
@@ -136,28 +139,72 @@ class LoraGroup:
         return self.intact()
 
 
-def release_pages(t: Any) -> None:
+class Droppable:
+    """Where ``release_pages`` may drop pages: inside a file-backed mapping of this process (a checkpoint
+    read with mmap: a dropped page is read again from the file if ever touched) and outside every other
+    tensor of the model (``ranges``: [start, end) byte ranges of its parameters and buffers)."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = sorted(ranges)
+        self.files = _file_mappings()
+
+    def inside_a_file(self, lo: int, hi: int) -> bool:
+        return any(start <= lo and hi <= end for start, end in self.files)
+
+    def others_on(self, lo: int, hi: int) -> bool:
+        """Whether a tensor besides the one these bytes belong to lies on them."""
+        return sum(start < hi and lo < end for start, end in self.ranges) > 1
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """[start, end) of this process' mappings of regular files (``/proc/self/maps``: a non-zero inode); empty
+    where it cannot be read."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[4] != "0" and parts[5].startswith("/"):
+                    start, end = (int(v, 16) for v in parts[0].split("-"))
+                    out.append((start, end))
+    except OSError:
+        return []
+    return out
+
+
+def _byte_range(t: Any) -> tuple[int, int]:
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
+def model_ranges(model: Any) -> list[tuple[int, int]]:
+    """The byte ranges of ``model``'s CPU parameters and buffers, one per name: a tensor held under two names
+    (tied weights) is there twice."""
+    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in model.named_buffers(remove_duplicate=False)]
+    return [_byte_range(t) for t in tensors if t is not None and t.device.type == "cpu" and t.numel()]
+
+
+def release_pages(t: Any, droppable: Droppable) -> bool:
     """Drop the whole pages inside ``t``'s memory from this process (``madvise(MADV_DONTNEED)``; Linux, CPU) just
-    before ``t`` is let go. A checkpoint loaded in its own dtype is a read-only map of the safetensors file: the
-    map lives on while any of its tensors does (the embeddings, the other layers), so the pages the copy into
-    C read would stay resident beside C — the weights twice in the run's RSS. A file page dropped is read
-    again from the file if ever touched; a heap page's content is lost, which is why this is only for a tensor
-    about to be freed, and only whole pages strictly inside it (malloc's bookkeeping lies outside them)."""
+    before ``t`` is let go, where they lie in a mapped file and no other tensor of the model lies on them. A
+    checkpoint loaded in its own dtype is a read-only map of the safetensors file that lives on while any of
+    its tensors does (the embeddings, the other layers): the pages the copy into C read would stay resident
+    beside C — the weights twice in the run's RSS. Heap memory is never dropped (its content would be lost
+    for anyone else holding it); freeing it is malloc's business. True where pages were dropped."""
     import ctypes
     import sys
 
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.untyped_storage().nbytes() < (64 << 10):
-        return
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() * t.element_size() < (64 << 10):
+        return False
     page = 4096
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
+    start, end = _byte_range(t)
     lo, hi = -(-start // page) * page, (end // page) * page
-    if hi - lo < page:
-        return
+    if hi - lo < page or not droppable.inside_a_file(lo, hi) or droppable.others_on(lo, hi):
+        return False
     try:
-        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+        return ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0
     except (OSError, AttributeError):
-        pass
+        return False
 
 
 def group_siblings(model: Any) -> int:
@@ -168,13 +215,15 @@ def group_siblings(model: Any) -> int:
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     n = 0
+    ranges = model_ranges(model)
+    droppable = Droppable(ranges)
     for parent in model.modules():
         for names in SIBLINGS:
             layers = [getattr(parent, k, None) for k in names]
             layers = [m for m in layers if type(m) is LoraLinear and getattr(m, "_lowres_group", None) is None]
-            if len(layers) < 2 or not _groupable(layers):
+            if len(layers) < 2 or not _groupable(layers) or _shared(layers, ranges):
                 continue
-            group = LoraGroup(layers, layers[0].active_adapters[0])
+            group = LoraGroup(layers, layers[0].active_adapters[0], droppable)
             for m in layers:
                 m._lowres_group = group
             n += len(layers)
@@ -194,6 +243,19 @@ def _groupable(layers: list) -> bool:
                 or base.weight.dtype not in (torch.float32, torch.bfloat16)):
             return False
     return True
+
+
+def _shared(layers: list, ranges: list[tuple[int, int]]) -> bool:
+    """Whether a base weight's memory is also another parameter's or buffer's (weights tied across layers):
+    moving it into a group's buffer would untie them."""
+    for m in layers:
+        w = m.base_layer.weight
+        if w.device.type != "cpu":
+            continue
+        lo, hi = _byte_range(w)
+        if sum(s < hi and lo < e for s, e in ranges) > 1:
+            return True
+    return False
 
 
 def ungroup(model: Any) -> int:
