@@ -81,7 +81,7 @@ def train(
     max_examples tokenizer_vocab ·
     train: max_steps batch_size grad_accum lr warmup_steps min_lr_ratio weight_decay max_grad_norm optimizer
     loss_chunk_tokens threads seed eval_every eval_batches warmup_ignore_steps max_bad_steps compile attention
-    optimizer_impl fused_lora fused_norm gemm malloc_tuning profile_steps ·
+    optimizer_impl fused_lora lora_groups fused_norm gemm malloc_tuning profile_steps ·
     checkpoint: every keep ·
     tracking: mlflow mlflow_uri experiment run_name prometheus_port pushgateway jsonl profiler_interval
     profiler_mode
