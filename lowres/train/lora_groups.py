@@ -119,24 +119,17 @@ class LoraGroup:
         return mine
 
     def _applies(self, x) -> bool:
+        """Whether the single fused layer would run every sibling on ``x`` with the group's adapter and rank,
+        and the weights are still C's."""
         import torch
 
-        from lowres.train.speed import _autocast_on
+        from lowres.train.speed import fused_adapter
 
-        if torch.compiler.is_compiling() or x.dtype != self.c.dtype or x.device != self.c.device \
-                or x.dtype not in (torch.float32, torch.bfloat16) or _autocast_on(x.device.type):
+        if torch.compiler.is_compiling() or x.dtype != self.c.dtype or x.device != self.c.device:
             return False
         name = self.adapter
-        for layer, r in zip(self.layers, self.ranks):
-            base = layer.base_layer
-            if (layer.disable_adapters or layer.merged or list(layer.active_adapters) != [name]
-                    or name not in layer.lora_A or name in layer.lora_variant
-                    or type(layer.lora_dropout[name]) is not torch.nn.Identity or type(base) is not torch.nn.Linear
-                    or layer.lora_B[name].bias is not None or base.weight.requires_grad
-                    or (base.bias is not None and base.bias.requires_grad)
-                    or layer.lora_A[name].weight.shape[0] != r):
-                return False
-        return self.intact()
+        return all(fused_adapter(layer, x) == name and layer.lora_A[name].weight.shape[0] == r
+                   for layer, r in zip(self.layers, self.ranks)) and self.intact()
 
 
 class Droppable:
@@ -145,14 +138,15 @@ class Droppable:
     tensor of the model (``ranges``: [start, end) byte ranges of its parameters and buffers)."""
 
     def __init__(self, ranges: list[tuple[int, int]]):
-        self.ranges = sorted(ranges)
+        self.ranges = ranges
         self.files = _file_mappings()
 
     def inside_a_file(self, lo: int, hi: int) -> bool:
         return any(start <= lo and hi <= end for start, end in self.files)
 
     def others_on(self, lo: int, hi: int) -> bool:
-        """Whether a tensor besides the one these bytes belong to lies on them."""
+        """Whether a tensor besides the one these bytes belong to lies on them (or one tensor is held under two
+        names: tied weights)."""
         return sum(start < hi and lo < end for start, end in self.ranges) > 1
 
 
@@ -215,13 +209,12 @@ def group_siblings(model: Any) -> int:
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     n = 0
-    ranges = model_ranges(model)
-    droppable = Droppable(ranges)
+    droppable = Droppable(model_ranges(model))
     for parent in model.modules():
         for names in SIBLINGS:
             layers = [getattr(parent, k, None) for k in names]
             layers = [m for m in layers if type(m) is LoraLinear and getattr(m, "_lowres_group", None) is None]
-            if len(layers) < 2 or not _groupable(layers) or _shared(layers, ranges):
+            if len(layers) < 2 or not _groupable(layers) or _shared(layers, droppable):
                 continue
             group = LoraGroup(layers, layers[0].active_adapters[0], droppable)
             for m in layers:
@@ -245,17 +238,11 @@ def _groupable(layers: list) -> bool:
     return True
 
 
-def _shared(layers: list, ranges: list[tuple[int, int]]) -> bool:
+def _shared(layers: list, droppable: Droppable) -> bool:
     """Whether a base weight's memory is also another parameter's or buffer's (weights tied across layers):
     moving it into a group's buffer would untie them."""
-    for m in layers:
-        w = m.base_layer.weight
-        if w.device.type != "cpu":
-            continue
-        lo, hi = _byte_range(w)
-        if sum(s < hi and lo < e for s, e in ranges) > 1:
-            return True
-    return False
+    return any(droppable.others_on(*_byte_range(m.base_layer.weight)) for m in layers
+               if m.base_layer.weight.device.type == "cpu")
 
 
 def ungroup(model: Any) -> int:

@@ -229,28 +229,42 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
-def _fused_lora_forward(self, x, *args, **kwargs):
-    """peft lora.Linear's forward for one plain adapter in fp32 or bf16 through ``LoraLinearFunction``; peft's
-    own for anything else (dropout, DoRA and other variants, several adapters, a quantized or trainable base,
-    autocast, a disabled or merged adapter, fp16 — whose adapter gradients peft keeps in fp32, out of fp16's
-    narrow range)."""
+def fused_adapter(layer: Any, x: Any) -> str | None:
+    """The adapter ``LoraLinearFunction`` runs for peft LoRA Linear ``layer`` on input ``x``: its one active
+    adapter, where that is plain (no dropout, DoRA or other variant, no bias on B) over a frozen ``nn.Linear``
+    in fp32 or bf16, enabled, unmerged and outside autocast; None where peft's own forward must run (also
+    fp16, whose adapter gradients peft keeps in fp32, out of fp16's narrow range)."""
     import torch
 
-    group = getattr(self, "_lowres_group", None)
-    if group is not None and not args and not kwargs and not torch.compiler.is_compiling():
-        out = group.output(self, x)
-        if out is not None:
-            return out
-    names = self.active_adapters
+    names = layer.active_adapters
     name = names[0] if len(names) == 1 else None
-    base = self.base_layer
-    if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
-            or name in self.lora_variant or type(self.lora_dropout[name]) is not torch.nn.Identity
-            or type(base) is not torch.nn.Linear or self.lora_B[name].bias is not None
+    base = layer.base_layer
+    if (name is None or layer.disable_adapters or layer.merged or name not in layer.lora_A
+            or name in layer.lora_variant or type(layer.lora_dropout[name]) is not torch.nn.Identity
+            or type(base) is not torch.nn.Linear or layer.lora_B[name].bias is not None
             or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
             or x.dtype != base.weight.dtype or x.dtype not in (torch.float32, torch.bfloat16)
             or _autocast_on(x.device.type)):
+        return None
+    return name
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """peft lora.Linear's forward through ``LoraLinearFunction`` (or its sibling group's one GEMM,
+    lowres.train.lora_groups) where ``fused_adapter`` names an adapter; peft's own for anything else."""
+    import torch
+
+    if args or kwargs:
         return self._lowres_peft_forward(x, *args, **kwargs)
+    group = getattr(self, "_lowres_group", None)
+    if group is not None and not torch.compiler.is_compiling():
+        out = group.output(self, x)
+        if out is not None:
+            return out
+    name = fused_adapter(self, x)
+    if name is None:
+        return self._lowres_peft_forward(x)
+    base = self.base_layer
     x2 = x.reshape(-1, x.shape[-1])
     out = LoraLinearFunction.apply(x2, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                    self.scaling[name], getattr(self, "_lowres_gemm", "torch"))
