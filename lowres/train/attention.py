@@ -39,8 +39,9 @@ SDPA forward, per call.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
+
+from lowres.train.lazy import built_once
 
 NAME = "lowres_bmm"
 # auto picks bmm at or below this many tokens per sequence (bf16, CPU): the crossover measured above
@@ -84,7 +85,7 @@ _CAUSAL: dict = {}  # (s, g, dtype, device) → the additive causal mask baddbmm
 _BLOCK_MASKS: dict = {}  # (s, g, bounds, dtype, device) → each block's additive mask (never written to)
 
 
-@functools.cache
+@built_once
 def _function():
     """The autograd Function, built on first use (torch imported lazily)."""
     import torch
@@ -122,8 +123,9 @@ def _block_masks(s: int, g: int, bounds: tuple[int, ...], dtype: Any, device: An
     over keys [0, hi) — 0 where key ≤ query, the dtype's lowest value above the diagonal."""
     import torch
 
+    compiling = torch.compiler.is_compiling()  # under torch.compile: built in the graph, not kept (a side effect)
     key = (s, g, bounds, dtype, str(device))
-    masks = _BLOCK_MASKS.get(key)
+    masks = None if compiling else _BLOCK_MASKS.get(key)
     if masks is None:
         low = torch.finfo(dtype).min
         masks, lo = [], 0
@@ -133,13 +135,15 @@ def _block_masks(s: int, g: int, bounds: tuple[int, ...], dtype: Any, device: An
             masks.append(torch.zeros(len(pos), hi, dtype=dtype, device=device)
                          .masked_fill_(keys[None, :] > pos[:, None], low))
             lo = hi
+        if compiling:
+            return masks
         if len(_BLOCK_MASKS) >= 8:
             _BLOCK_MASKS.clear()
         _BLOCK_MASKS[key] = masks
     return masks
 
 
-@functools.cache
+@built_once
 def _blocked_function():
     """The block-causal autograd Function, built on first use (torch imported lazily)."""
     import torch

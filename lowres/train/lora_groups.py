@@ -26,8 +26,9 @@ unloaded model) works on the views; ``ungroup`` gives each layer its own tensor 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
+
+from lowres.train.lazy import built_once
 
 # sibling projections that a decoder layer calls on the same tensor, by the names transformers gives them
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -263,7 +264,7 @@ def ungroup(model: Any) -> int:
     return n
 
 
-@functools.cache
+@built_once
 def _build_group_function():
     import torch
 

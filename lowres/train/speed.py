@@ -34,9 +34,10 @@ default within numerical noise (tests/test_train_speed.py). Defaults are what me
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
+
+from lowres.train.lazy import built_once
 
 
 def inductor_cache_dir() -> str:
@@ -65,13 +66,31 @@ def set_attention(model: Any, impl: str) -> None:
 def compile_decoder(model: Any) -> bool:
     """Compile the decoder stack in place (the recipe's loss calls it directly, not the wrapper's forward);
     False when the model has none to compile (then the step runs eagerly)."""
+    import torch
+
     from lowres.train.loss import _head_and_decoder
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
     decoder, _ = _head_and_decoder(model)
     if decoder is None:
         return False
-    decoder.compile(dynamic=False)
+    # build the autograd Functions (and register lowres' ops) now: built inside the traced forward, their
+    # class definitions and torch.library calls would break the graph
+    from lowres.train import attention, norms
+
+    _build_lora_function()
+    norms._function()
+    attention._function()
+    attention._blocked_function()
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers):
+        # regional: each decoder layer (one graph, traced once and shared by every layer of the same code);
+        # the stack's own forward — embedding, rotary tables, the mask — stays eager, where transformers can
+        # tell a plain causal mask is not needed (under tracing it materialises one)
+        for layer in layers:
+            layer.compile(dynamic=False)
+    else:
+        decoder.compile(dynamic=False)
     return True
 
 
@@ -185,7 +204,7 @@ def _lora_ops():
     return torch.ops.lowres
 
 
-@functools.cache
+@built_once
 def _build_lora_function():
     import torch
 
