@@ -150,6 +150,8 @@ class LowresWorker:
         start = len(self.recipe.history)
         self.recipe.train(steps=steps)
         self.losses = [h["loss"] for h in self.recipe.history[start:]]
+        self.info["compile"] = self.recipe.info.get("compile")  # train.compile=auto decides mid-run
+        self.info["compile_seconds"] = self.recipe._compile_info().get("compile_seconds")
         return [(h["step_seconds"], h["tokens"]) for h in self.recipe.history[start:]]
 
     def roofline(self) -> float:
@@ -315,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per contender per round")
     p.add_argument("--warmup", type=int, default=1, help="steps dropped at the start of each round")
+    p.add_argument("--warm-steps", type=int, default=10, help="steps every contender runs once before the rounds, "
+                   "not measured: warm caches, and lowres' train.compile=auto decision (timed eager steps, the "
+                   "compiling step, timed compiled steps: 8 steps) done before anything is compared")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
@@ -363,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
             print("malloc: " + " · ".join(f"{n} {w.ready['info'].get('malloc', '?')}" for n, w in workers.items()),
                   flush=True)
             names = list(workers)
+            if args.warm_steps:
+                warm = {n: workers[n].ask(cmd="run", steps=args.warm_steps) for n in names}
+                print(f"warm-up: {args.warm_steps} steps each, not measured; " + " · ".join(
+                    f"{n} compile: {rep['info'].get('compile')}" for n, rep in warm.items() if n != "hf-fp32"),
+                    flush=True)
             rates: dict[str, list[float]] = {n: [] for n in names}
             peaks: dict[str, list[float]] = {"roofline": [bi["roofline"]]}
             for r in range(args.rounds):

@@ -7,7 +7,10 @@
 Each variant (and the baseline, lowres' defaults) runs in its own worker process (bench/harness_vs_hf.py's),
 set up once; then round after round each runs ``--steps`` optimizer steps in turn (the order rotates), so a
 noisy neighbour slows all alike. Per round: tokens/s of the kept steps (the first ``--warmup`` dropped; the
-first round of a compiled variant also pays its compilation, reported apart), the variant over the baseline.
+first round of a compiled variant also pays its compilation, reported apart, unless ``--warm-steps`` ran it
+first — the default), the variant over the baseline. The baseline is lowres' defaults, ``train.compile=auto``
+included (a long run: it compiles during the warm-up where that measures faster); A/B an eager option with
+``--set train.compile=false``.
 Printed: the median ratio and its spread, the peak RSS of each process, and the largest relative difference of
 each variant's per-step losses from the baseline's (the same tokens in the same order: it must be noise).
 Last line: ``RESULT <variant>=<median ratio> … loss_max_rel_diff=… load=…``.
@@ -39,6 +42,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warm-steps", type=int, default=10, help="steps every variant runs once before round 1, "
+                   "not timed (their losses are compared): warm caches, and train.compile (auto: its measured "
+                   "decision takes 8 steps; true: the compiling first step)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
@@ -82,11 +88,19 @@ def main() -> int:
             rates = {n: [] for n in names}
             losses = {n: [] for n in names}
             first_round = {}
+            if args.warm_steps:
+                said = []
+                for n in names:
+                    rep = workers[n].ask(cmd="run", steps=args.warm_steps)
+                    losses[n].extend(rep["losses"])
+                    first_round[n] = rep["times"][0][0]
+                    said.append(f"{n}: {rep['info'].get('compile')}")
+                print(f"warm-up: {args.warm_steps} steps each, not timed; compile — " + " · ".join(said), flush=True)
             for r in range(args.rounds):
                 order = names[r % len(names):] + names[: r % len(names)]
                 for n in order:
                     rep = workers[n].ask(cmd="run", steps=args.steps)
-                    if r == 0:
+                    if r == 0 and n not in first_round:
                         first_round[n] = rep["times"][0][0]
                     rates[n].append(harness.tps(rep["times"], args.warmup))
                     losses[n].extend(rep["losses"])
@@ -103,7 +117,8 @@ def main() -> int:
     worst_loss = 0.0
     for n in names[1:]:
         # round 1 of a compiled variant includes its compilation: compared from round 2 on, said below
-        skip = 1 if any("compile=true" in s for s in variants[n]) and args.rounds > 1 else 0
+        skip = (1 if any("compile=true" in s for s in variants[n]) and args.rounds > 1 and not args.warm_steps
+                else 0)
         ratio = [a / b for a, b in zip(rates[n][skip:], rates["baseline"][skip:])]
         diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses[n], base))
         worst_loss = max(worst_loss, diff)

@@ -95,8 +95,11 @@ class TrainConfig(_Section):
     warmup_ignore_steps: int = Field(2, ge=0, description="first steps left out of throughput and MFU means")
     max_bad_steps: int = Field(0, ge=0, description="optimizer steps with a NaN/Inf loss or gradient that are "
                                "skipped before the run stops with an error; 0 = stop at the first")
-    compile: bool = Field(False, description="torch.compile the decoder (CPU: inductor); the first step "
-                          "compiles (timed, cached on disk); see lowres.train.speed")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each decoder layer (CPU: inductor; kernels cached on disk): true "
+        "from the first step, false never, or auto (on a CPU with a C++ compiler: compiled mid-run only if the "
+        "remaining steps would recoup the compile time, and kept only if the next steps measure faster than the "
+        "eager ones); see lowres.train.speed")
     attention: Literal["auto", "sdpa", "bmm", "eager"] = Field(
         "auto", description="attention kernel: sdpa (torch's fused flash kernel), bmm (batched GEMMs, the "
         "probabilities saved: faster for short sequences on a CPU, s² memory), eager (the model's own), or "
@@ -177,8 +180,8 @@ class RunConfig(_Section):
         d.pop("tracking", None)
         d["train"].pop("max_bad_steps", None)  # a guard: it changes no result of a run that trains
         d["train"].pop("profile_steps", None)  # a trace of a few steps: it changes no result either
-        for key, default in (("compile", False), ("optimizer_impl", "fused")):
-            if d["train"].get(key) == default:  # speed options at their defaults: older runs' hashes hold
+        for key, defaults in (("compile", (False, "auto")), ("optimizer_impl", ("fused",))):
+            if d["train"].get(key) in defaults:  # speed options at their defaults: older runs' hashes hold
                 d["train"].pop(key, None)
         if d["train"].get("attention") in ("auto", "sdpa", "bmm"):  # the same attention, another kernel (tested)
             d["train"].pop("attention", None)

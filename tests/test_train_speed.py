@@ -310,6 +310,65 @@ def test_compile_is_regional_and_traces_each_layer_without_a_graph_break(tmp_pat
     assert compiled == pytest.approx(base, rel=3e-4)
 
 
+def _auto_run(tmp_path, name: str, steps: int, **extra):
+    from lowres.train.loss import _head_and_decoder
+    from lowres.train.recipe import Recipe
+
+    cfg = load_config(None, tiny_overrides(tmp_path / name, write_corpus(tmp_path), steps=100,
+                                           **{"tracking.mlflow": "false", **extra}))
+    recipe = Recipe(cfg, progress=False).setup()
+    try:
+        recipe.train(steps=steps)
+        result = recipe._result("steps")
+        decoder, _ = _head_and_decoder(recipe.model)
+        compiled_layers = sum(layer._compiled_call_impl is not None for layer in decoder.layers)
+    finally:
+        recipe.cleanup()
+    return recipe, result, compiled_layers
+
+
+def test_compile_auto_keeps_a_short_run_eager_and_says_why(tmp_path):
+    """The default (auto): 100 steps of a tiny model would never recoup a first compile — eager, with the
+    arithmetic in the run's info; nothing compiled."""
+    recipe, result, compiled_layers = _auto_run(tmp_path, "short", steps=8)
+    assert recipe.cfg.train.compile == "auto"
+    assert result.info["compile"].startswith("eager: the ") and "would save" in result.info["compile"]
+    assert not result.info["compiled"] and compiled_layers == 0 and "compile_seconds" not in result.info
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_compile_auto_compiles_mid_run_then_keeps_or_reverts_by_measurement(tmp_path, monkeypatch, keep):
+    """Where the rest of the run would recoup it (here: the expected compile cost set to 0), auto compiles after
+    timing its eager steps, times the compiled ones, and keeps them only if faster (``keep``: the bar set so
+    that it always is / never is). The compiling step is left out of the means and its cost is recorded for
+    the next run's estimate; the loss curve is eager's within float noise either way."""
+    import json
+
+    from lowres.train import speed
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("LOWRES_CACHE_DIR", str(tmp_path / "cache"))  # no compile time recorded by another test
+    monkeypatch.setattr(speed, "AUTO_FIRST_COMPILE_S", 0.0)
+    monkeypatch.setattr(speed, "AUTO_KEEP_BELOW", 1e9 if keep else 0.0)
+    base, _ = _losses(tmp_path, "eager", steps=10, **{"train.compile": "false"})
+    recipe, result, compiled_layers = _auto_run(tmp_path, "auto", steps=10)
+    warm = recipe.cfg.train.warmup_ignore_steps
+    at = warm + speed.AUTO_EAGER_STEPS + 1  # the step that compiled
+    marked = [r["step"] for r in recipe.history if r.get("compiled_here")]
+    assert marked == [at]
+    timed = [r for r in recipe.history[warm:] if r["step"] != at]
+    assert result.step_seconds == pytest.approx(sum(r["step_seconds"] for r in timed) / len(timed))
+    assert result.info["compile_seconds"] >= 0
+    table = json.loads((speed._compile_cache()).read_text())
+    assert list(table.values()) == [pytest.approx(result.info["compile_seconds"], abs=0.01)]
+    if keep:
+        assert result.info["compile"].startswith(f"compiled at step {at}") and result.info["compiled"]
+        assert compiled_layers > 0
+    else:
+        assert "back to eager" in result.info["compile"] and not result.info["compiled"] and compiled_layers == 0
+    assert [r["loss"] for r in recipe.history] == pytest.approx(base, rel=3e-4)
+
+
 def test_built_once_builds_on_first_call_only():
     from lowres.train.lazy import built_once
 

@@ -149,6 +149,8 @@ def print_result(console: Console, r) -> None:
                   f"{r.flops_per_token / 1e6:,.1f} MFLOP/token ÷ {fmt((r.peak_flops_per_s or 0) / 1e9, ',.0f')} GFLOP/s "
                   f"(roofline of this model's GEMMs in {r.info.get('dtype')} on this machine, "
                   f"{r.info.get('threads')} threads, {r.info.get('roofline_source')})", highlight=False)
+    if r.info.get("compile") and r.info["compile"] != "eager":
+        console.print(f"train.compile={r.info.get('compile_setting', '')}: {r.info['compile']}", highlight=False)
     where = f"adapter in {r.output_dir}/adapter" if r.stopped_by == "max_steps" else f"checkpoint {r.checkpoint}"
     console.print(f"{where}" + (f" · MLflow run {r.run_id}" if r.run_id else ""), highlight=False)
 

@@ -147,6 +147,8 @@ class Recipe:
         self.info = {**info, "tokenizer": tokenizer_source, "data": self.data.stats, "device": self.device,
                      "threads": torch.get_num_threads(), "precision_reasons": self.precision.reasons,
                      "weights_provenance": self.loc.provenance, "malloc": malloc, **speed_info}
+        self.info["compile_setting"] = str(cfg.train.compile).lower()
+        self._auto_compile = self._auto_compile_for(attention)
         run_id = None
         self._run_started_at = time.time()  # the origin of the system-metric steps, kept across resumes
         if resume_from is not None:
@@ -170,6 +172,31 @@ class Recipe:
         self._start_tracking(run_id)
         self._start_profiler()
         return self
+
+    def _auto_compile_for(self, attention: str):
+        """train.compile=auto: the measured decision (lowres.train.speed.AutoCompile), or None where it is
+        decided already (its reason in ``info["compile"]``)."""
+        from lowres.train import speed
+
+        cfg = self.cfg.train
+        if cfg.compile is not True and cfg.compile is not False:
+            why = None
+            if self.device != "cpu":
+                why = "on a GPU auto is not measured by lowres (train.compile=true compiles from the first step)"
+            elif speed.cpp_compiler() is None:
+                why = "no C++ compiler found (inductor's CPU kernels need one: g++, or $CXX)"
+            elif cfg.profile_steps:
+                why = "--profile-steps traces the eager step"
+            if why is None:
+                key = (f"{self.cfg.model.name}|{self.precision.compute_dtype}|{cfg.batch_size}x{self.cfg.data.max_length}"
+                       f"|{self.gemm}|{attention}|torch {torch.__version__}")
+                auto = speed.AutoCompile(self.model, key, cfg.warmup_ignore_steps, say=self._say)
+                self.info["compile"] = auto.decision
+                return auto
+            self.info["compile"] = f"eager: {why}"
+        else:
+            self.info["compile"] = "compiled from the first step (train.compile=true)" if cfg.compile else "eager"
+        return None
 
     def _say(self, text: str) -> None:
         """A setup line while nothing else shows progress (loading can take most of a short run)."""
@@ -353,6 +380,10 @@ class Recipe:
                     record = self._train_step()
                 self.step += 1
                 self._report(record, bar)
+                if self._auto_compile is not None:
+                    self._auto_compile.after_step(self.history, self.step, cfg.train.max_steps)
+                    self.info["compile"] = self._auto_compile.decision
+                    self.info["compiled"] = self._auto_compile.state in ("trial", "on")
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.max_steps:
                     self._evaluate()
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
@@ -507,7 +538,9 @@ class Recipe:
 
     # ------------------------------------------------------------------ cleanup
     def _result(self, stopped_by: str) -> TrainResult:
-        timed = self.history[self.cfg.train.warmup_ignore_steps:] or self.history
+        # the warm-up, and a step that compiled mid-run (train.compile=auto), are left out of the means
+        timed = [r for r in self.history[self.cfg.train.warmup_ignore_steps:] if not r.get("compiled_here")]
+        timed = timed or self.history
         mean = (lambda k: statistics.fmean(r[k] for r in timed)) if timed else (lambda k: None)
         tps = (sum(r["tokens"] for r in timed) / sum(r["step_seconds"] for r in timed)) if timed else None
         if tps is not None and tps * self.flops_per_token > self.roofline.flops_per_s:
@@ -526,7 +559,11 @@ class Recipe:
             op_profile=self._op_profile())
 
     def _compile_info(self) -> dict:
-        """train.compile: what the first step's compilation cost (first step minus the median later one)."""
+        """train.compile: what the compilation cost — auto: the step that compiled minus the eager steps' median;
+        true: the first step minus the median later one."""
+        auto = getattr(self, "_auto_compile", None)
+        if auto is not None:
+            return {} if auto.compile_seconds is None else {"compile_seconds": auto.compile_seconds}
         if not self.info.get("compiled"):
             return {}
         from lowres.train.speed import compile_seconds

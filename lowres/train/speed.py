@@ -3,9 +3,16 @@ to a loaded LoRA model. Each is kept as an option only because an interleaved A/
 (``bench/step_options.py``; figures in the README's "Measured here"), and each leaves the loss curve of the
 default within numerical noise (tests/test_train_speed.py). Defaults are what measured fastest or equal.
 
-* ``compile``: ``torch.compile`` of the decoder stack (CPU: the inductor backend, C++/OpenMP kernels). The
-  first step pays the compilation; it is timed, reported as ``info["compile_seconds"]``, and its kernels are
-  cached on disk (``$LOWRES_CACHE_DIR/inductor``), so a second run of the same shapes compiles much faster.
+* ``compile``: ``torch.compile`` of each decoder layer (CPU: the inductor backend, C++/OpenMP kernels) —
+  regional: one graph, traced once and shared by the layers, while the stack's own forward (embedding, rotary
+  tables, mask) stays eager, so transformers leaves the causal mask out as it does eagerly and the block-causal
+  attention is traced into the graph. No graph break (a test counts them): lowres' autograd Functions are
+  built by ``lowres.train.lazy.built_once``, which dynamo can read. ``true`` compiles from the first step;
+  ``auto`` (the default) decides by measurement mid-run (``AutoCompile``): on a CPU with a C++ compiler, after
+  timing eager steps, only if the remaining steps would recoup the compile time, and keeps it only if the
+  compiled steps measure faster. The compiling step is timed, reported as ``info["compile_seconds"]`` (and
+  recorded per model and shape for the next run's estimate); kernels are cached on disk
+  (``$LOWRES_CACHE_DIR/inductor``), so a second run of the same shapes compiles in seconds.
   Fused LoRA layers reach inductor as two opaque library ops (``lowres::lora_linear`` and its backward), so
   their GEMMs (oneDNN's too) and in-place adds run as they do eagerly while inductor fuses the norms, rotary
   embedding, activation and residual adds between them.
@@ -402,7 +409,7 @@ def apply(model: Any, train_cfg: Any, gemm: str = "torch", attention: str | None
         norms = fuse_norms(model)
     else:
         norms = 0
-    compiled = compile_decoder(model) if train_cfg.compile else False
+    compiled = compile_decoder(model) if train_cfg.compile is True else False
     grouped = sum(getattr(m, "_lowres_group", None) is not None for m in model.modules())
     return {"attention": attention, "compiled": compiled, "optimizer_impl": train_cfg.optimizer_impl,
             "fused_lora_layers": fused, "grouped_lora_layers": grouped, "fused_norm_layers": norms, "gemm": gemm}
@@ -414,3 +421,143 @@ def compile_seconds(step_seconds: list[float]) -> float | None:
         return None
     rest = sorted(step_seconds[1:])
     return max(0.0, step_seconds[0] - rest[len(rest) // 2])
+
+
+# ---------------------------------------------------------------------------------------- train.compile=auto
+AUTO_EAGER_STEPS = 3  # eager steps timed (after the warm-up) before deciding
+AUTO_TRIAL_STEPS = 3  # compiled steps timed after the one that compiled, before keeping it
+# what compiling is expected to save: measured 1.09 (fp32) and 1.10 (bf16) on the AMX Xeon (README, "Measured
+# here"); the trial below checks it on every machine before the rest of the run relies on it
+AUTO_EXPECTED_GAIN = 0.08
+AUTO_FIRST_COMPILE_S = 90.0  # expected compile time where none was measured yet here (cold caches: 60–90 s)
+AUTO_KEEP_BELOW = 0.98  # compiled steps must take at most this fraction of the eager ones to be kept
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor's CPU backend would call ($CXX, else g++, c++ or clang++), or None."""
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def uncompile_decoder(model: Any) -> None:
+    """Undo ``compile_decoder``: every layer (or the stack) runs its eager forward again."""
+    from lowres.train.loss import _head_and_decoder
+
+    decoder, _ = _head_and_decoder(model)
+    if decoder is None:
+        return
+    for module in [decoder, *getattr(decoder, "layers", [])]:
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
+def _compile_cache() -> Any:
+    from lowres.paths import cache_dir
+
+    return cache_dir() / "compile_seconds.json"
+
+
+def recorded_compile_seconds(key: str) -> float | None:
+    """The compile time last measured on this machine for ``key`` (model, shape, dtype), if any."""
+    import json
+
+    try:
+        return float(json.loads(_compile_cache().read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_compile_seconds(key: str, seconds: float) -> None:
+    import json
+
+    path = _compile_cache()
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            table = {}
+    except (OSError, ValueError):
+        table = {}
+    table[key] = round(float(seconds), 2)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next run its estimate
+
+
+class AutoCompile:
+    """``train.compile=auto``: compile only where this run measures that it pays.
+
+    1. After the warm-up, ``AUTO_EAGER_STEPS`` eager steps are timed (their median: ``eager_s``).
+    2. Compiling is tried only if the rest of the run would recoup it: remaining steps × ``eager_s`` ×
+       ``AUTO_EXPECTED_GAIN`` ≥ the compile time measured last time here for this model, shape and dtype
+       (``AUTO_FIRST_COMPILE_S`` if never). A short run (the quickstart's) stays eager.
+    3. The next step compiles (its time minus ``eager_s`` is recorded for the next run's estimate); then
+       ``AUTO_TRIAL_STEPS`` compiled steps are timed. Compiled is kept only if their median is at most
+       ``AUTO_KEEP_BELOW`` × ``eager_s``; otherwise every layer goes back to eager for the rest of the run.
+
+    ``decision`` says what happened, in words (``lowres train`` prints it; it is in the run's info)."""
+
+    def __init__(self, model: Any, key: str, warmup: int, say: Any = None):
+        self.model, self.key, self.say = model, key, say or (lambda msg: None)
+        self.warmup = max(1, warmup)
+        self.state = "wait"
+        self.eager_s: float | None = None
+        self.compile_step: int | None = None
+        self.compile_seconds: float | None = None
+        self.decision = "pending: eager steps are being timed"
+
+    def off(self, why: str) -> None:
+        self.state, self.decision = "off", f"eager: {why}"
+
+    def after_step(self, history: list[dict], step: int, max_steps: int) -> None:
+        """Called after each optimizer step (``history``: the run's step records, the last one just done)."""
+        import statistics
+
+        if self.state in ("off", "on"):
+            return
+        if self.state == "wait":
+            timed = [r["step_seconds"] for r in history[self.warmup:]]
+            if len(timed) < AUTO_EAGER_STEPS:
+                return
+            self.eager_s = statistics.median(timed[-AUTO_EAGER_STEPS:])
+            remaining = max_steps - step
+            known = recorded_compile_seconds(self.key)
+            cost = known if known is not None else AUTO_FIRST_COMPILE_S
+            saving = remaining * self.eager_s * AUTO_EXPECTED_GAIN
+            if saving < cost:
+                self.off(f"the {remaining} remaining steps at {self.eager_s:.3g} s would save ≈ {saving:.0f} s, "
+                         f"less than compiling costs (≈ {cost:.0f} s, {'measured here' if known else 'a first compile'})")
+                return
+            compile_decoder(self.model)
+            self.state, self.compile_step = "trial", step + 1
+            self.decision = "trial: compiling"
+            self.say(f"train.compile=auto: compiling the decoder layers at step {step + 1} (≈ {cost:.0f} s): the "
+                     f"{remaining} remaining steps at {self.eager_s:.3g} s each would recoup it")
+            return
+        # trial
+        if step == self.compile_step:
+            history[-1]["compiled_here"] = True
+            self.compile_seconds = max(0.0, history[-1]["step_seconds"] - self.eager_s)
+            record_compile_seconds(self.key, self.compile_seconds)
+            return
+        timed = [r["step_seconds"] for r in history if r["step"] > self.compile_step]
+        if len(timed) < AUTO_TRIAL_STEPS:
+            return
+        compiled_s = statistics.median(timed[:AUTO_TRIAL_STEPS])
+        ratio = compiled_s / self.eager_s
+        if ratio <= AUTO_KEEP_BELOW:
+            self.state = "on"
+            self.decision = (f"compiled at step {self.compile_step} ({self.compile_seconds:.1f} s): "
+                             f"{compiled_s:.3g} s a step against {self.eager_s:.3g} eager ({ratio:.3f}×)")
+        else:
+            uncompile_decoder(self.model)
+            self.off(f"compiled at step {self.compile_step} but measured {compiled_s:.3g} s a step against "
+                     f"{self.eager_s:.3g} eager ({ratio:.3f}×): back to eager")
+        self.say(f"train.compile=auto: {self.decision}")
