@@ -249,6 +249,9 @@ def worker_main(kind: str, args: dict) -> int:
         proto.write(json.dumps(obj) + "\n")
         proto.flush()
 
+    from lowres.cli.app import _quiet_third_party_noise
+
+    _quiet_third_party_noise()  # as `lowres` does: bitsandbytes' offline hub-kernel warning, a v5 deprecation
     w = HFWorker(args) if kind == "hf" else LowresWorker(args, kind)
     setup_peak = peak_rss()
     reset = reset_peak_rss()

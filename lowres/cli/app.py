@@ -98,13 +98,15 @@ def _quiet_third_party_noise() -> None:
     """Silence two messages that say nothing actionable to a lowres user.
 
     bitsandbytes (imported by peft) warns on every AVX512-BF16 CPU that it could not fetch an optional 4-bit
-    kernel from the Hugging Face hub; lowres never fetches code at run time and its 4-bit figures are measured
-    with the fallback that is used. peft's k-bit preparation calls a transformers method deprecated in v5.
+    kernel from the Hugging Face hub (and the ``kernels`` package, which it asks, that it skipped a publisher
+    check offline); lowres never fetches code at run time and its 4-bit figures are measured with the fallback
+    that is used. peft's k-bit preparation calls a transformers method deprecated in v5.
     """
     import logging
     import warnings
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)  # the same attempt's "Skipping publisher trust check" (offline)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated")
 

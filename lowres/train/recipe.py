@@ -195,7 +195,7 @@ class Recipe:
                 return auto
             self.info["compile"] = f"eager: {why}"
         else:
-            self.info["compile"] = "compiled from the first step (train.compile=true)" if cfg.compile else "eager"
+            self.info["compile"] = "compiled from the first step" if cfg.compile else "eager"
         return None
 
     def _say(self, text: str) -> None:
