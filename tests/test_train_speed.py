@@ -369,6 +369,30 @@ def test_compile_auto_compiles_mid_run_then_keeps_or_reverts_by_measurement(tmp_
     assert [r["loss"] for r in recipe.history] == pytest.approx(base, rel=3e-4)
 
 
+def test_compile_auto_survives_a_compile_that_fails(tmp_path, monkeypatch):
+    """A compile that fails at its first call (no working C++ toolchain, an inductor error) does not end the
+    run: the layers go back to eager, the step runs again on the same micro-batches, and the loss curve is the
+    eager run's exactly; the decision names the error."""
+    from lowres.train import speed
+    from lowres.train.loss import _head_and_decoder
+
+    def broken_compile(model):
+        decoder, _ = _head_and_decoder(model)
+        for layer in decoder.layers:
+            layer._compiled_call_impl = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no working g++"))
+        return True
+
+    monkeypatch.setenv("LOWRES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(speed, "AUTO_FIRST_COMPILE_S", 0.0)
+    monkeypatch.setattr(speed, "compile_decoder", broken_compile)
+    base, _ = _losses(tmp_path, "eager", steps=9, **{"train.compile": "false"})
+    recipe, result, compiled_layers = _auto_run(tmp_path, "auto", steps=9)
+    at = recipe.cfg.train.warmup_ignore_steps + speed.AUTO_EAGER_STEPS + 1
+    assert result.info["compile"].startswith(f"eager: compiling failed at step {at} (RuntimeError: no working g++)")
+    assert not result.info["compiled"] and compiled_layers == 0
+    assert [r["loss"] for r in recipe.history] == base
+
+
 def test_built_once_builds_on_first_call_only():
     from lowres.train.lazy import built_once
 

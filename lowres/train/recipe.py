@@ -185,6 +185,8 @@ class Recipe:
                 why = "on a GPU auto is not measured by lowres (train.compile=true compiles from the first step)"
             elif speed.cpp_compiler() is None:
                 why = "no C++ compiler found (inductor's CPU kernels need one: g++, or $CXX)"
+            elif not speed.python_headers():
+                why = "this Python's C headers (Python.h) are not installed; inductor's CPU kernels need them"
             elif cfg.profile_steps:
                 why = "--profile-steps traces the eager step"
             if why is None:
@@ -377,7 +379,9 @@ class Recipe:
                                                       self.show_progress) as bar:
             while self.step < target and not stop:
                 with self.op_profiler.step():
-                    record = self._train_step()
+                    record = self._compiling_step() if (self._auto_compile is not None and
+                                                        self._auto_compile.compiling_now(self.step + 1)) \
+                        else self._train_step()
                 self.step += 1
                 self._report(record, bar)
                 if self._auto_compile is not None:
@@ -399,6 +403,19 @@ class Recipe:
             self._save_checkpoint()
             self._save_final()
         return self._result(stopped_by)
+
+    def _compiling_step(self) -> dict:
+        """train.compile=auto's compiling step: should compiling fail, the layers go back to eager and the step
+        runs again on the same micro-batches (nothing reached the weights: a failure comes in forward or
+        backward, before the optimizer step)."""
+        data_state = self.batches.state_dict()
+        try:
+            return self._train_step()
+        except Exception as e:  # noqa: BLE001 — any compile failure; a real training error raises again below
+            self._auto_compile.failed(e)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.batches.load_state_dict(data_state)
+            return self._train_step()
 
     def _train_step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its figures."""

@@ -443,6 +443,13 @@ def cpp_compiler() -> str | None:
     return None
 
 
+def python_headers() -> bool:
+    """Whether this Python's C headers are installed (inductor's CPU kernels include Python.h)."""
+    import sysconfig
+
+    return os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+
+
 def uncompile_decoder(model: Any) -> None:
     """Undo ``compile_decoder``: every layer (or the stack) runs its eager forward again."""
     from lowres.train.loss import _head_and_decoder
@@ -515,6 +522,19 @@ class AutoCompile:
 
     def off(self, why: str) -> None:
         self.state, self.decision = "off", f"eager: {why}"
+
+    def compiling_now(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) is the one that compiles."""
+        return self.state == "trial" and step == self.compile_step
+
+    def failed(self, error: BaseException) -> None:
+        """The compiling step raised (no C++ toolchain that works, an inductor error): back to eager for the
+        rest of the run, said with the error's first line."""
+        uncompile_decoder(self.model)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        self.off(f"compiling failed at step {self.compile_step} ({type(error).__name__}: {first}); that step was "
+                 "run again eagerly")
+        self.say(f"train.compile=auto: {self.decision}")
 
     def after_step(self, history: list[dict], step: int, max_steps: int) -> None:
         """Called after each optimizer step (``history``: the run's step records, the last one just done)."""
