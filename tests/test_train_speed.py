@@ -441,3 +441,41 @@ def test_the_lora_library_ops_agree_with_their_fake_kernels_and_the_eager_functi
         dx, da, db = ops.lora_linear_backward(gy, x, w, a, b, h, 0.5, gemm, True, True, True)
         assert torch.equal(out, y) and torch.equal(xr.grad, dx) and torch.equal(ar.grad, da)
         assert torch.equal(br.grad, db)
+
+
+@pytest.mark.parametrize("family", ["neox", "gemma3"])
+def test_compile_runs_other_families_to_the_end_without_a_graph_break(tmp_path, monkeypatch, family):
+    """train.compile=true on other families' structural miniatures (tests/test_advisor_families.py's: GPT-NeoX's
+    fused qkv, partial rotary and parallel residual, LoRA on all its linears; Gemma 3's q/k norms and sliding
+    window, in bf16) — about 50 s each, so two of the five families: the whole run — steps, the final eval and the base model's eval, which recompile under
+    no_grad and with the adapter off — with no graph break, and losses equal eager's to float noise."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from lowres.train.recipe import Recipe
+    from test_advisor_families import TINY
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    folder = tmp_path / family
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY[family]))
+    data = write_corpus(tmp_path)
+    dtype = "bf16" if family == "gemma3" else "fp32"
+    out = {}
+    for compile_ in ("false", "true"):
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = load_config(None, tiny_overrides(tmp_path / compile_, data, steps=4, **{
+            "model.name": str(folder), "model.weights": "random-init", "precision.compute": dtype,
+            "data.max_length": 64, "data.tokenizer_vocab": 300, "train.batch_size": 2,
+            "lora.targets": "all_linear" if family == "neox" else "attention_mlp",
+            "tracking.mlflow": "false", "train.compile": compile_}))
+        recipe = Recipe(cfg, progress=False).setup()
+        try:
+            result = recipe.train()
+        finally:
+            recipe.cleanup()
+        out[compile_] = ([r["loss"] for r in recipe.history] + [result.eval["loss"], result.eval_base["loss"]],
+                         dict(counters["graph_break"]))
+    assert out["true"][1] == {}
+    assert out["true"][0] == pytest.approx(out["false"][0], rel=3e-4 if dtype == "fp32" else 2e-3)
