@@ -179,7 +179,7 @@ class Recipe:
         from lowres.train import speed
 
         cfg = self.cfg.train
-        if cfg.compile is not True and cfg.compile is not False:
+        if cfg.compile == "auto":
             why = None
             if self.device != "cpu":
                 why = "on a GPU auto is not measured by lowres (train.compile=true compiles from the first step)"

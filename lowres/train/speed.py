@@ -470,30 +470,22 @@ def _compile_cache() -> Any:
 
 def recorded_compile_seconds(key: str) -> float | None:
     """The compile time last measured on this machine for ``key`` (model, shape, dtype), if any."""
-    import json
+    from lowres.train.roofline_cache import read_cache
 
     try:
-        return float(json.loads(_compile_cache().read_text())[key])
-    except (OSError, ValueError, KeyError, TypeError):
+        return float(read_cache(_compile_cache())[key])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
 def record_compile_seconds(key: str, seconds: float) -> None:
-    import json
+    from lowres.train.roofline_cache import read_cache, write_cache
 
     path = _compile_cache()
-    try:
-        table = json.loads(path.read_text())
-        if not isinstance(table, dict):
-            table = {}
-    except (OSError, ValueError):
-        table = {}
+    table = read_cache(path)
     table[key] = round(float(seconds), 2)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_cache(path, table)
     except OSError:
         pass  # a read-only cache only costs the next run its estimate
 
