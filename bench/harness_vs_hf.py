@@ -3,6 +3,7 @@
     .venv/bin/python bench/harness_vs_hf.py            # SmolLM2-135M-Instruct (real weights), minutes on 2 cores
     .venv/bin/python bench/harness_vs_hf.py --quick    # the tiny preset, short sequences: well under a minute
     .venv/bin/python bench/harness_vs_hf.py --cpuinfo laptop-cpuinfo.txt   # contenders as on that CPU (a copy of its /proc/cpuinfo)
+    .venv/bin/python bench/harness_vs_hf.py --isa avx2   # both sides' kernels capped to AVX2 (oneDNN, MKL, ATen)
 
 Contenders, each in its own worker process (so peak RSS is each one's own) and taking turns round after round
 (the order rotates each round), so a noisy neighbour slows all of them alike:
@@ -43,6 +44,17 @@ CORPUS = ("In the beginning the student had only a laptop, and the laptop had on
 
 
 # ---------------------------------------------------------------------------------------- the machine
+# --isa: the settings that cap the ISA of torch's CPU kernels, for both contenders (their workers inherit the
+# environment) and for lowres' own detection (lowres.hardware.cpu.isa_cap reads the same variables).
+ISA_ENV = {
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+               "ATEN_CPU_CAPABILITY": "avx512"},
+    "avx512_bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+                    "ATEN_CPU_CAPABILITY": "avx512"},
+}
+
+
 def machine(cpuinfo: str | None = None):
     """This machine's HardwareProfile; ``cpuinfo`` (a /proc/cpuinfo-format file) replaces its CPU, to see
     what the bench would race on another CPU (e.g. an AVX2-only laptop)."""
@@ -328,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--cpuinfo", default=None, help="a /proc/cpuinfo-format file: choose the contenders as on that "
                    "CPU (the run itself still uses this one)")
+    p.add_argument("--isa", choices=["native", *ISA_ENV], default="native",
+                   help="cap the ISA every contender's kernels may use (oneDNN, MKL and ATen's settings, which "
+                   "lowres' detection also reads): what a CPU without AMX, or an AVX2-only one, gets — measured "
+                   "on this CPU's cores, caches and memory, so a stand-in for that CPU, not the CPU itself")
     p.add_argument("--set", action="append", default=[], metavar="A.B=C",
                    help="extra lowres config for both lowres contenders (e.g. train.compile=true)")
     p.add_argument("--hf-malloc-tuning", action="store_true", help="give the HF contender lowres' malloc setting "
@@ -337,18 +353,30 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args.worker, json.loads(args.worker_args))
+    if args.isa != "native":
+        os.environ.update(ISA_ENV[args.isa])  # before torch loads: the workers inherit it
     model = args.model or ("tiny" if args.quick else "SmolLM2-135M-Instruct")
     seq_len = args.seq_len or (64 if args.quick else 256)
 
     from lowres.hardware import usable_cpus
     from lowres.hardware.profile import isa_label
 
+    def read_cpu_uncapped():
+        from lowres.hardware.cpu import read_cpu
+
+        saved = {k: os.environ.pop(k) for k in ISA_ENV["avx2"] if k in os.environ}
+        try:
+            return read_cpu(args.cpuinfo or "/proc/cpuinfo")
+        finally:
+            os.environ.update(saved)
+
     hw = machine(args.cpuinfo)
     isa = isa_label(hw.cpu.flags)
     best, why = best_compute(hw)
     race = contenders(hw)
     print(f"CPU {hw.cpu.model}, ISA {isa} ({', '.join(hw.cpu.flags) or 'none'}"
-          f"{', simulated from ' + args.cpuinfo if args.cpuinfo else ''}); precision auto → {best} ({why})")
+          f"{', simulated from ' + args.cpuinfo if args.cpuinfo else ''}"
+          f"{'; capped by ' + hw.cpu.isa_capped_by if hw.cpu.isa_capped_by else ''}); precision auto → {best} ({why})")
     print(f"load average at start: {load_now()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="lowres-bench-") as tmp:
@@ -415,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         name = "mfu_tiny" if args.quick else "mfu_135m"
         print(f"RESULT ratio_equal_settings={statistics.median(equal):.3f} "
               f"ratio_best_vs_hf_default={statistics.median(best_ratio):.3f} {name}={statistics.median(mfus):.4f} "
-              f"mem_ratio={mem_ratio:.3f} isa={isa} dtype={best}")
+              f"mem_ratio={mem_ratio:.3f} isa={isa} dtype={best}"
+              + (f" isa_capped_from={isa_label(read_cpu_uncapped().flags)}" if hw.cpu.isa_capped_by else ""))
     return 0 if same else 1
 
 

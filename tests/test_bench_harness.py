@@ -50,10 +50,23 @@ def test_avx512_bf16_cpu_adds_the_bf16_contender(bench, tmp_path):
     assert bench.contenders(hw) == {"hf-fp32": "hf", "lowres-fp32": "fp32", "lowres-bf16": "bf16"}
 
 
+@pytest.mark.parametrize("isa, dtype", [("avx2", "fp32"), ("avx512", "fp32"), ("avx512_bf16", "bf16")])
+def test_isa_caps_choose_the_contenders_as_the_kernels_will_run(bench, tmp_path, monkeypatch, isa, dtype):
+    """--isa sets the settings that cap torch's kernels; lowres' detection reads the same ones, so an
+    AVX512_BF16 CPU capped below bf16 races fp32 only (its bf16 GEMMs would be emulated)."""
+    for var, value in bench.ISA_ENV[isa].items():
+        monkeypatch.setenv(var, value)
+    hw = bench.machine(_cpuinfo(tmp_path, BF16))
+    assert bench.best_compute(hw)[0] == dtype
+    assert ("lowres-bf16" in bench.contenders(hw)) == (dtype == "bf16")
+    assert ("avx512f" in hw.cpu.flags) == (isa != "avx2")
+    assert (hw.cpu.isa_capped_by is not None) == (isa != "avx512_bf16")  # BF16 has no AMX to take away
+
+
 def test_quick_bench_on_a_simulated_avx2_cpu_ends_with_the_result_line(tmp_path):
     env = dict(os.environ, LOWRES_CACHE_DIR=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--rounds", "1", "--steps", "2", "--warmup", "0",
-                          "--seq-len", "32", "--cpuinfo", _cpuinfo(tmp_path, AVX2)],
+                          "--seq-len", "32", "--cpuinfo", _cpuinfo(tmp_path, AVX2), "--isa", "avx2"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "the same tokens" in out.stdout  # HF's first forward hashed equal to lowres' first forward

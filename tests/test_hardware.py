@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import types
@@ -28,6 +29,7 @@ from lowres.hardware import (
 from lowres.hardware.cgroup import read_cgroup
 from lowres.hardware.cpu import parse_cpuinfo, read_cpu
 from lowres.hardware.detection import this_machine_fingerprint
+from lowres.hardware.profile import isa_label
 from lowres.hardware.gpu import read_gpus
 from lowres.paths import configs_dir
 
@@ -143,6 +145,68 @@ def test_x86_without_avx512_is_not_bf16_fast(tmp_path):
     f.write_text(text)
     cpu = read_cpu(f)
     assert cpu.bf16_fast is False and cpu.flags == ["avx", "avx2", "f16c", "fma"]
+
+
+AMX_CPUINFO = ("model name\t: Intel Xeon\nphysical id\t: 0\ncore id\t: 0\nflags\t\t: fpu avx avx2 fma f16c "
+               "avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_tile amx_bf16 amx_int8\n")
+
+
+@pytest.mark.parametrize("env, level", [
+    ({}, None),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "avx2"),
+    ({"DNNL_MAX_CPU_ISA": "avx512_core_bf16"}, "avx512_bf16"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, None),  # AMX allowed: nothing capped
+    ({"MKL_ENABLE_INSTRUCTIONS": "AVX512"}, None),  # MKL runs no bf16 or AMX kernels for torch
+    ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "avx2"),  # the lowest cap wins
+    ({"ATEN_CPU_CAPABILITY": "default"}, "basic"),
+    ({"ONEDNN_MAX_CPU_ISA": "NOT_AN_ISA"}, None),  # unknown to lowres: the library decides, lowres caps nothing
+])
+def test_isa_cap_reads_the_libraries_settings(env, level):
+    from lowres.hardware.cpu import isa_cap
+
+    got, said = isa_cap(env)
+    assert got == level
+    assert (said == []) == (level is None)
+
+
+def test_capped_isa_takes_flags_away_and_names_the_setting(tmp_path, monkeypatch):
+    from lowres.hardware.cpu import read_cpu
+
+    f = tmp_path / "cpuinfo"
+    f.write_text(AMX_CPUINFO)
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(var, raising=False)
+    full = read_cpu(f)
+    assert full.bf16_fast and "amx_bf16" in full.flags and full.isa_capped_by is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # a CPU without AMX
+    no_amx = read_cpu(f)
+    assert no_amx.bf16_fast and "avx512_bf16" in no_amx.flags and not any(x.startswith("amx") for x in no_amx.flags)
+    assert no_amx.isa_capped_by == "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # bf16 GEMMs emulated: auto must not pick bf16
+    avx2 = read_cpu(f)
+    assert not avx2.bf16_fast and avx2.flags == ["avx", "avx2", "f16c", "fma"]
+    assert isa_label(avx2.flags) == "avx2"
+    a, b = (HardwareProfile.model_validate(detect().model_dump() | {"cpu": c.model_dump()}) for c in (full, avx2))
+    assert a.fingerprint != b.fingerprint  # a capped machine keeps its own rooflines and calibrations
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert read_cpu(f) == full
+    arm = tmp_path / "arm"
+    arm.write_text(ARM_CPUINFO)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert read_cpu(arm).bf16_fast and read_cpu(arm).isa_capped_by is None  # x86 settings cap no ARM flag
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 ISA settings")
+def test_lowres_and_torch_agree_on_a_capped_isa():
+    """Under ATEN_CPU_CAPABILITY=avx2 torch reports AVX2 (or less) and `lowres hw` names no AVX-512 flag."""
+    code = ("import json, torch; from lowres.hardware import detect; c = detect().cpu; "
+            "print(json.dumps([torch.backends.cpu.get_cpu_capability(), c.flags, c.bf16_fast]))")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    capability, flags, bf16_fast = json.loads(out.stdout.strip().splitlines()[-1])
+    assert capability in ("AVX2", "DEFAULT", "NO AVX") and not any(f.startswith(("avx512", "amx")) for f in flags)
+    assert bf16_fast is False
 
 
 # --- cgroups ----------------------------------------------------------------------------------------------

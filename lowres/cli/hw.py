@@ -69,6 +69,8 @@ def _isa(prof) -> str:
         bf16 = f"bf16: native ({native})"
     else:
         bf16 = "bf16: emulated, slow — use fp32 on this CPU"
+    if prof.cpu.isa_capped_by:
+        bf16 += f"\ncapped by {prof.cpu.isa_capped_by}: torch's kernels may not use the CPU's flags above these"
     return f"{names}\n{bf16}"
 
 

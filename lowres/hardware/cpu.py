@@ -2,6 +2,13 @@
 
 The flags decide ``bf16_fast``, not torch: torch's capability level says AVX512 on CPUs whose bf16 is
 emulated, and bf16 there is tens of times slower than fp32.
+
+The flags are what torch's kernels may *use*, not only what the CPU has: the environment variables that cap
+the ISA of torch's CPU libraries (``ONEDNN_MAX_CPU_ISA``/``DNNL_MAX_CPU_ISA`` for oneDNN — bf16 GEMMs and
+lowres' fp32 ones —, ``MKL_ENABLE_INSTRUCTIONS`` for MKL, ``ATEN_CPU_CAPABILITY`` for ATen's element-wise
+kernels and inductor's generated code) take away the flags above their level. With ``ONEDNN_MAX_CPU_ISA=AVX2``
+on an AMX CPU a bf16 GEMM runs ~50× slower than with AMX (measured: 26 against 1,420 GFLOP/s), so
+``precision: auto`` must see AVX2 there. The capped profile has its own fingerprint (its own rooflines).
 """
 
 from __future__ import annotations
@@ -18,6 +25,56 @@ from lowres.hardware.profile import RELEVANT_FLAGS, CpuInfo
 # ARM kernels name NEON "asimd"; one name for one feature keeps tiers and tests simple.
 _FLAG_ALIASES = {"asimd": "neon"}
 _BF16_FAST_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+# x86 ISA levels, lowest first, and the flags each adds over the one below it.
+_X86_LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("basic", frozenset()),
+    ("avx", frozenset({"avx", "f16c"})),
+    ("avx2", frozenset({"avx2", "fma", "avx_vnni"})),
+    ("avx512", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})),
+    ("avx512_bf16", frozenset({"avx512_bf16", "avx512_fp16"})),
+    ("amx", frozenset({"amx_tile", "amx_bf16", "amx_int8", "amx_fp16"})),
+)
+# The cap each library's setting puts on the level (None: no cap). Values are matched case-insensitively;
+# one the table does not know caps nothing (the library reads it, not lowres). MKL is torch's fp32 GEMM
+# outside lowres' oneDNN path and never runs bf16 or AMX kernels for torch, so its AVX-512 settings cap nothing.
+_ISA_CAPS: dict[str, dict[str, str]] = {
+    "ONEDNN_MAX_CPU_ISA": {
+        "sse41": "basic", "avx": "avx", "avx2": "avx2", "avx2_vnni": "avx2", "avx2_vnni_2": "avx2",
+        "avx512_core": "avx512", "avx512_core_vnni": "avx512", "avx512_core_bf16": "avx512_bf16",
+        "avx512_core_fp16": "avx512_bf16",
+    },
+    "MKL_ENABLE_INSTRUCTIONS": {"sse4_2": "basic", "avx": "avx", "avx2": "avx2", "avx2_e1": "avx2"},
+    "ATEN_CPU_CAPABILITY": {"default": "basic", "avx2": "avx2"},
+}
+_ISA_CAPS["DNNL_MAX_CPU_ISA"] = _ISA_CAPS["ONEDNN_MAX_CPU_ISA"]  # oneDNN's older name for the same setting
+
+
+def isa_cap(env: dict[str, str] | None = None) -> tuple[str | None, list[str]]:
+    """(the lowest x86 ISA level the environment lets torch's CPU kernels use, the settings that say so);
+    (None, []) when nothing is capped."""
+    env = os.environ if env is None else env
+    order = [name for name, _ in _X86_LEVELS]
+    level: str | None = None
+    said: list[str] = []
+    for var, table in _ISA_CAPS.items():
+        value = env.get(var, "").strip()
+        cap = table.get(value.lower())
+        if cap is None:
+            continue
+        said.append(f"{var}={value}")
+        if level is None or order.index(cap) < order.index(level):
+            level = cap
+    return level, said
+
+
+def cap_flags(flags: set[str], level: str | None) -> set[str]:
+    """``flags`` less the x86 ones above ``level`` (ARM flags are never capped)."""
+    if level is None:
+        return set(flags)
+    names = [name for name, _ in _X86_LEVELS]
+    above = set().union(*(added for _, added in _X86_LEVELS[names.index(level) + 1:]))
+    return set(flags) - above
 
 
 def parse_cpuinfo(text: str) -> tuple[str | None, set[str], int | None]:
@@ -79,6 +136,8 @@ def read_cpu(cpuinfo_path: str | Path = "/proc/cpuinfo") -> CpuInfo:
         model, flags, physical = None, set(), None
         if platform.system() == "Darwin":
             model, flags = _macos_cpu()
+    level, settings = isa_cap()
+    capped = cap_flags(flags, level)
     logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
     physical = psutil.cpu_count(logical=False) or physical or logical
     return CpuInfo(
@@ -86,8 +145,9 @@ def read_cpu(cpuinfo_path: str | Path = "/proc/cpuinfo") -> CpuInfo:
         arch=platform.machine() or "unknown",
         physical_cores=physical,
         logical_cores=logical,
-        flags=sorted(flags),
-        bf16_fast=bool(flags & _BF16_FAST_FLAGS),
+        flags=sorted(capped),
+        bf16_fast=bool(capped & _BF16_FAST_FLAGS),
+        isa_capped_by=", ".join(settings) if capped != flags else None,
     )
 
 

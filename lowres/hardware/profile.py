@@ -57,6 +57,8 @@ class CpuInfo(_Part):
     logical_cores: int
     flags: list[str] = Field(default_factory=list, description="relevant ISA features, sorted")
     bf16_fast: bool = Field(description="hardware bf16 dot products: AVX512_BF16 or AMX on x86, BF16 on ARM")
+    isa_capped_by: str | None = Field(None, description="the environment settings (e.g. ONEDNN_MAX_CPU_ISA=AVX2) "
+                                      "that took flags the CPU has away from ``flags``: torch may not use them")
 
     @field_validator("flags")
     @classmethod
