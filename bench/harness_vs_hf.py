@@ -67,18 +67,30 @@ def machine(cpuinfo: str | None = None):
     return hw
 
 
-def best_compute(hw) -> tuple[str, str]:
-    """(dtype, reason): what ``precision: auto`` resolves to on ``hw`` — lowres' best contender there."""
+def best_compute(hw, model: str | None = None, tokens: int = 0, threads: int = 0) -> tuple[str, str]:
+    """(dtype, reason): what ``precision: auto`` resolves to on ``hw`` — lowres' best contender there. With
+    ``model`` (this machine, not a simulated CPU) it is the recipe's decision: bf16 kept only where its GEMMs
+    at the model's shapes measure fast enough against fp32's (lowres.train.mfu.measured_auto_precision)."""
     from lowres.config import PrecisionConfig
     from lowres.models import resolve_precision
 
-    rp = resolve_precision(PrecisionConfig(compute="auto"), hw, "cpu")
+    p = PrecisionConfig(compute="auto")
+    rp = resolve_precision(p, hw, "cpu")
+    if model:
+        import torch
+
+        from lowres.config import ModelConfig
+        from lowres.models import locate_weights
+        from lowres.train.mfu import measured_auto_precision
+
+        torch.set_num_threads(threads or torch.get_num_threads())  # the rooflines are keyed by threads
+        rp = measured_auto_precision(p, rp, hw, locate_weights(ModelConfig(name=model)).spec, tokens)
     return rp.compute_dtype, rp.reasons[0]
 
 
-def contenders(hw) -> dict[str, str]:
+def contenders(hw, best: str | None = None) -> dict[str, str]:
     """name → what it runs: HF fp32, lowres fp32, and lowres' auto pick when that is not fp32."""
-    best, _ = best_compute(hw)
+    best = best or best_compute(hw)[0]
     out = {"hf-fp32": "hf", "lowres-fp32": "fp32"}
     if best != "fp32":
         out[f"lowres-{best}"] = best
@@ -372,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hw = machine(args.cpuinfo)
     isa = isa_label(hw.cpu.flags)
-    best, why = best_compute(hw)
-    race = contenders(hw)
+    best, why = best_compute(hw, None if args.cpuinfo else model, args.batch_size * seq_len, usable_cpus())
+    race = contenders(hw, best)
     print(f"CPU {hw.cpu.model}, ISA {isa} ({', '.join(hw.cpu.flags) or 'none'}"
           f"{', simulated from ' + args.cpuinfo if args.cpuinfo else ''}"
           f"{'; capped by ' + hw.cpu.isa_capped_by if hw.cpu.isa_capped_by else ''}); precision auto → {best} ({why})")

@@ -76,3 +76,38 @@ def test_a_huge_vocabulary_head_is_measured_without_its_full_operand():
     ok, grew_mib = out.stdout.split()
     assert ok == "True"
     assert int(grew_mib) < 256  # the full [1024 × 262144] fp32 operand alone would be 1,024 MiB
+
+
+@pytest.mark.parametrize("bf16_gflops, want", [(2000.0, "bf16"), (448.0, "bf16"), (207.0, "fp32"), (300.0, "fp32")])
+def test_auto_keeps_bf16_only_where_its_gemms_measure_faster(monkeypatch, bf16_gflops, want):
+    """precision auto on a CPU with native bf16 by its flags: bf16 only if its GEMMs at the model's shapes run at
+    ≥ 1.25× fp32's here (AMX ~6×, an AVX512_BF16 EPYC 2.2×; the AMX Xeon with AMX turned off 0.6×: fp32)."""
+    from lowres.config import ModelConfig, PrecisionConfig
+    from lowres.hardware import detect
+    from lowres.models import locate_weights, resolve_precision
+    from lowres.train import mfu
+
+    rates = {"bf16": bf16_gflops * 1e9, "fp32": 276e9}
+    asked = []
+
+    def fake_roofline(spec, dtype, tokens, **kw):
+        asked.append(dtype)
+        return mfu.RooflineResult(flops_per_s=rates[dtype], dtype=dtype, threads=2, shapes=[], source="measured",
+                                  measured_at=0.0)
+
+    monkeypatch.setattr(mfu, "roofline", fake_roofline)
+    hw = detect()
+    hw = hw.model_copy(update={"cpu": hw.cpu.model_copy(update={"bf16_fast": True})})
+    spec = locate_weights(ModelConfig(name="tiny")).spec
+    p = PrecisionConfig(compute="auto")
+    rp = mfu.measured_auto_precision(p, resolve_precision(p, hw, "cpu"), hw, spec, 512)
+    assert rp.compute_dtype == want and rp.weights_dtype == want
+    assert f"{bf16_gflops:,.0f} GFLOP/s in bf16" in rp.reasons[0] and "276 in fp32" in rp.reasons[0]
+    asked.clear()
+    for set_ in ("bf16", "fp32"):  # a dtype the user set is never second-guessed, and nothing is measured
+        q = PrecisionConfig(compute=set_)
+        assert mfu.measured_auto_precision(q, resolve_precision(q, hw, "cpu"), hw, spec, 512).compute_dtype == set_
+    no_bf16 = hw.model_copy(update={"cpu": hw.cpu.model_copy(update={"bf16_fast": False})})
+    assert mfu.measured_auto_precision(p, resolve_precision(p, no_bf16, "cpu"), no_bf16, spec, 512).compute_dtype \
+        == "fp32"
+    assert asked == []

@@ -161,3 +161,33 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) ->
     if peak_flops_per_s <= 0:
         return float("nan")
     return tokens_per_s * flops_per_token / peak_flops_per_s
+
+
+# bf16 is auto's pick on a CPU with native bf16 only where its GEMMs, measured at the model's shapes, beat
+# fp32's by this much: the step also converts activations and runs non-GEMM work that bf16 does not speed up.
+# Measured: AMX 1,940–2,340 vs fp32 317 GFLOP/s (bf16 step 2.3× faster), the AMD EPYC's AVX512_BF16 448 vs 204
+# (1.6×); the AMX Xeon with AMX turned off (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 207 vs 276, where the bf16 step
+# ran at 0.71× fp32's (session 13, bench/harness_vs_hf.py --isa avx512_bf16).
+BF16_MIN_GEMM_GAIN = 1.25
+
+
+def measured_auto_precision(p: Any, rp: Any, hw: Any, spec: Any, tokens: int, device: str = "cpu") -> Any:
+    """``precision.compute: auto`` on a CPU that has native bf16 by its flags: keep bf16 only if its GEMMs at
+    this model's shapes measure at least BF16_MIN_GEMM_GAIN × fp32's on this machine (both rooflines cached
+    per fingerprint, so measured once), else fp32. Anything else (set dtypes, GPUs, quantized bases, fp32
+    already) is returned unchanged."""
+    if p.compute != "auto" or device != "cpu" or rp.compute_dtype != "bf16" or rp.quant != "none":
+        return rp
+    from lowres.models import resolve_precision
+
+    bf16 = roofline(spec, "bf16", tokens, fingerprint=hw.fingerprint, device=device).flops_per_s
+    fp32 = roofline(spec, "fp32", tokens, fingerprint=hw.fingerprint, device=device).flops_per_s
+    measured = (f"its GEMMs at the model's shapes ran at {bf16 / 1e9:,.0f} GFLOP/s in bf16 and "
+                f"{fp32 / 1e9:,.0f} in fp32 here")
+    if bf16 >= BF16_MIN_GEMM_GAIN * fp32:
+        rp.reasons[0] += f"; measured: {measured}"
+        return rp
+    out = resolve_precision(p.model_copy(update={"compute": "fp32"}), hw, device)
+    out.reasons[0] = (f"compute auto → fp32: {hw.cpu.model} has native bf16 by its flags, but {measured} — "
+                      f"bf16 pays only at ≥ {BF16_MIN_GEMM_GAIN:g}× fp32's rate")
+    return out

@@ -110,6 +110,11 @@ class Recipe:
         check_max_length(self.loc.spec, cfg.data.max_length)  # ConfigError: longer than the model's positions
         self.hw = detect(probe_bnb=cfg.precision.quant != "none")
         self.precision = resolve_precision(cfg.precision, self.hw, self.device)  # UnsupportedError
+        from lowres.train.mfu import measured_auto_precision
+
+        # auto's bf16 (native by the flags) kept only where its GEMMs measure faster than fp32's here
+        self.precision = measured_auto_precision(cfg.precision, self.precision, self.hw, self.loc.spec,
+                                                 cfg.train.batch_size * cfg.data.max_length, self.device)
         check_optimizer(cfg.train, self.device)  # UnsupportedError: a paged optimizer without CUDA
         self._own_output_dir(resume_from)  # every input is good: lock the folder, then clear an older run's
         self.tokenizer, tokenizer_source = self._tokenizer(records, resume_from)
