@@ -96,6 +96,7 @@ def test_auto_keeps_bf16_only_where_its_gemms_measure_faster(monkeypatch, bf16_g
                                   measured_at=0.0)
 
     monkeypatch.setattr(mfu, "roofline", fake_roofline)
+    monkeypatch.setattr(mfu, "_AUTO_RATES", {})
     hw = detect()
     hw = hw.model_copy(update={"cpu": hw.cpu.model_copy(update={"bf16_fast": True})})
     spec = locate_weights(ModelConfig(name="tiny")).spec
@@ -103,6 +104,9 @@ def test_auto_keeps_bf16_only_where_its_gemms_measure_faster(monkeypatch, bf16_g
     rp = mfu.measured_auto_precision(p, resolve_precision(p, hw, "cpu"), hw, spec, 512)
     assert rp.compute_dtype == want and rp.weights_dtype == want
     assert f"{bf16_gflops:,.0f} GFLOP/s in bf16" in rp.reasons[0] and "276 in fp32" in rp.reasons[0]
+    assert asked == ["bf16", "fp32"]
+    again = mfu.measured_auto_precision(p, resolve_precision(p, hw, "cpu"), hw, spec, 512)
+    assert again.compute_dtype == want and asked == ["bf16", "fp32"]  # measured once per process
     asked.clear()
     for set_ in ("bf16", "fp32"):  # a dtype the user set is never second-guessed, and nothing is measured
         q = PrecisionConfig(compute=set_)

@@ -169,6 +169,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) ->
 # (1.6×); the AMX Xeon with AMX turned off (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 207 vs 276, where the bf16 step
 # ran at 0.71× fp32's (session 13, bench/harness_vs_hf.py --isa avx512_bf16).
 BF16_MIN_GEMM_GAIN = 1.25
+_AUTO_RATES: dict[tuple, tuple[float, float]] = {}
 
 
 def measured_auto_precision(p: Any, rp: Any, hw: Any, spec: Any, tokens: int, device: str = "cpu") -> Any:
@@ -180,8 +181,11 @@ def measured_auto_precision(p: Any, rp: Any, hw: Any, spec: Any, tokens: int, de
         return rp
     from lowres.models import resolve_precision
 
-    bf16 = roofline(spec, "bf16", tokens, fingerprint=hw.fingerprint, device=device).flops_per_s
-    fp32 = roofline(spec, "fp32", tokens, fingerprint=hw.fingerprint, device=device).flops_per_s
+    memo = (hw.fingerprint, tuple(gemm_shapes(spec, min(max(1, tokens), 2048))), torch.get_num_threads())
+    if memo not in _AUTO_RATES:  # once per process too: on a busy machine the file cache keeps nothing
+        _AUTO_RATES[memo] = tuple(roofline(spec, dtype, tokens, fingerprint=hw.fingerprint, device=device).flops_per_s
+                                  for dtype in ("bf16", "fp32"))
+    bf16, fp32 = _AUTO_RATES[memo]
     measured = (f"its GEMMs at the model's shapes ran at {bf16 / 1e9:,.0f} GFLOP/s in bf16 and "
                 f"{fp32 / 1e9:,.0f} in fp32 here")
     if bf16 >= BF16_MIN_GEMM_GAIN * fp32:
