@@ -257,3 +257,19 @@ def test_a_quantized_base_counts_fp32_activations_and_reuses_its_load_copy(spec)
     assert 0.5 * load_copy < tiny_step.memory["quantize_load"] < load_copy
     assert tiny_step.memory["quantize_load"] == pytest.approx(
         load_copy - tiny_step.transient_bytes - tiny_step.memory["allocator"], rel=1e-9)
+
+
+@pytest.mark.parametrize("bf16, fp32, want", [(None, None, "bf16"), (448e9, 204e9, "bf16"),
+                                              (207e9, 276e9, "fp32"), (300e9, 276e9, "fp32")])
+def test_auto_on_a_bf16_cpu_follows_the_measured_gemms_as_train_does(bf16, fp32, want):
+    """The advisor resolves `compute: auto` as `lowres train` does: bf16 by the flags, unless a measured roofline
+    shows bf16's GEMMs short of 1.25× fp32's (the AMX Xeon with AMX turned off: 207 vs 276 GFLOP/s)."""
+    cpu = load_profile("laptop-16g-avx512bf16")
+    assert cpu.cpu.bf16_fast and cpu.roofline is None
+    rl = None if bf16 is None else Roofline(bf16_flops=bf16, fp32_flops=fp32, source="measured")
+    assert resolve_compute(cpu, "auto", rl) == want
+    if rl is not None:
+        assert resolve_compute(cpu.model_copy(update={"roofline": rl}), "auto") == want  # the profile's own
+        spec = load_spec("SmolLM2-135M")
+        assert estimate(spec, cpu, Candidate(), roofline=rl).candidate.compute == want
+    assert resolve_compute(cpu, "bf16", rl) == "bf16"  # a dtype the user set is never second-guessed

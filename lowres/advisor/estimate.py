@@ -159,16 +159,24 @@ def _gpu_capability(hw: Any) -> float | None:
         return None
 
 
-def resolve_compute(hw: Any, compute: str) -> str:
+def resolve_compute(hw: Any, compute: str, roofline: Any = None) -> str:
     """``auto`` → bf16 where the hardware has fast bf16 (CPU: AVX512_BF16/AMX or ARM BF16, from the ISA
-    flags; GPU: compute capability ≥ 8.0), else fp32. fp16 is never chosen automatically: it needs loss
-    scaling. Other values pass through."""
+    flags; GPU: compute capability ≥ 8.0), else fp32 — and on a CPU, as `lowres train` decides, fp32 where a
+    measured roofline (``roofline``, else ``hw.roofline``) shows bf16's GEMMs short of
+    BF16_MIN_GEMM_GAIN × fp32's. fp16 is never chosen automatically: it needs loss scaling. Other values
+    pass through."""
     if compute != "auto":
         return compute
     if device_of(hw) == "cuda":
         cc = _gpu_capability(hw)
         return "bf16" if cc is not None and cc >= 8.0 else "fp32"
-    return "bf16" if hw.cpu.bf16_fast else "fp32"
+    if not hw.cpu.bf16_fast:
+        return "fp32"
+    from lowres.models.precision import bf16_gemms_pay
+
+    rl = roofline if roofline is not None else getattr(hw, "roofline", None)
+    pays = bf16_gemms_pay(getattr(rl, "bf16_flops", None), getattr(rl, "fp32_flops", None))
+    return "fp32" if pays is False else "bf16"
 
 
 def slow_precision(hw: Any, compute: str) -> bool:
@@ -210,7 +218,7 @@ def estimate(spec: Any, hw: Any, candidate: Candidate, *, roofline: Any = None,
     """
     cal = calibration or Calibration()
     device = device_of(hw)
-    compute = resolve_compute(hw, candidate.compute)
+    compute = resolve_compute(hw, candidate.compute, roofline)
     cand = candidate.model_copy(update={"compute": compute})
     e = M.DTYPE_BYTES[compute]
     targets = M.resolve_targets(cand.lora_targets)

@@ -46,6 +46,22 @@ class ResolvedPrecision:
         return torch_dtype(self.weights_dtype)
 
 
+# bf16 is auto's pick on a CPU with native bf16 only where its GEMMs, measured at the model's shapes, beat
+# fp32's by this much: the step also converts activations and runs non-GEMM work that bf16 does not speed up.
+# Measured: AMX 1,940–2,340 vs fp32 317 GFLOP/s (bf16 step 2.3× faster), the AMD EPYC's AVX512_BF16 448 vs 204
+# (1.6×); the AMX Xeon with AMX turned off (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 207 vs 276, where the bf16 step
+# ran at 0.71× fp32's (session 13, bench/harness_vs_hf.py --isa avx512_bf16). Used by `lowres train`
+# (lowres.train.mfu.measured_auto_precision) and the advisor (lowres.advisor.estimate.resolve_compute).
+BF16_MIN_GEMM_GAIN = 1.25
+
+
+def bf16_gemms_pay(bf16_flops: float | None, fp32_flops: float | None) -> bool | None:
+    """Whether measured bf16 GEMMs beat fp32's by BF16_MIN_GEMM_GAIN; None when either figure is unknown."""
+    if not bf16_flops or not fp32_flops:
+        return None
+    return bf16_flops >= BF16_MIN_GEMM_GAIN * fp32_flops
+
+
 def _cuda_bf16(hw: Any) -> bool:
     # bf16 tensor cores arrived with Ampere (compute capability 8.0)
     gpus = getattr(hw, "gpus", None) or []

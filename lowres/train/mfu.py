@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lowres.models.precision import BF16_MIN_GEMM_GAIN, bf16_gemms_pay
 from lowres.train.roofline_cache import (  # noqa: F401
     cache_key, cache_path, gemm_shapes, keep_if_quiet, read_cache, write_cache)
 
@@ -163,12 +164,6 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) ->
     return tokens_per_s * flops_per_token / peak_flops_per_s
 
 
-# bf16 is auto's pick on a CPU with native bf16 only where its GEMMs, measured at the model's shapes, beat
-# fp32's by this much: the step also converts activations and runs non-GEMM work that bf16 does not speed up.
-# Measured: AMX 1,940–2,340 vs fp32 317 GFLOP/s (bf16 step 2.3× faster), the AMD EPYC's AVX512_BF16 448 vs 204
-# (1.6×); the AMX Xeon with AMX turned off (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 207 vs 276, where the bf16 step
-# ran at 0.71× fp32's (session 13, bench/harness_vs_hf.py --isa avx512_bf16).
-BF16_MIN_GEMM_GAIN = 1.25
 _AUTO_RATES: dict[tuple, tuple[float, float]] = {}
 
 
@@ -188,7 +183,7 @@ def measured_auto_precision(p: Any, rp: Any, hw: Any, spec: Any, tokens: int, de
     bf16, fp32 = _AUTO_RATES[memo]
     measured = (f"its GEMMs at the model's shapes ran at {bf16 / 1e9:,.0f} GFLOP/s in bf16 and "
                 f"{fp32 / 1e9:,.0f} in fp32 here")
-    if bf16 >= BF16_MIN_GEMM_GAIN * fp32:
+    if bf16_gemms_pay(bf16, fp32):
         rp.reasons[0] += f"; measured: {measured}"
         return rp
     out = resolve_precision(p.model_copy(update={"compute": "fp32"}), hw, device)
