@@ -67,6 +67,13 @@ def machine(cpuinfo: str | None = None):
     return hw
 
 
+def uncapped_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's relevant flags as /proc/cpuinfo (or ``cpuinfo``) lists them, before any ISA setting caps them."""
+    from lowres.hardware.cpu import parse_cpuinfo
+
+    return parse_cpuinfo(Path(cpuinfo or "/proc/cpuinfo").read_text(errors="replace"))[1]
+
+
 def best_compute(hw, model: str | None = None, tokens: int = 0, threads: int = 0) -> tuple[str, str]:
     """(dtype, reason): what ``precision: auto`` resolves to on ``hw`` — lowres' best contender there. With
     ``model`` (this machine, not a simulated CPU) it is the recipe's decision: bf16 kept only where its GEMMs
@@ -373,15 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     from lowres.hardware import usable_cpus
     from lowres.hardware.profile import isa_label
 
-    def read_cpu_uncapped():
-        from lowres.hardware.cpu import read_cpu
-
-        saved = {k: os.environ.pop(k) for k in ISA_ENV["avx2"] if k in os.environ}
-        try:
-            return read_cpu(args.cpuinfo or "/proc/cpuinfo")
-        finally:
-            os.environ.update(saved)
-
     hw = machine(args.cpuinfo)
     isa = isa_label(hw.cpu.flags)
     best, why = best_compute(hw, None if args.cpuinfo else model, args.batch_size * seq_len, usable_cpus())
@@ -456,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RESULT ratio_equal_settings={statistics.median(equal):.3f} "
               f"ratio_best_vs_hf_default={statistics.median(best_ratio):.3f} {name}={statistics.median(mfus):.4f} "
               f"mem_ratio={mem_ratio:.3f} isa={isa} dtype={best}"
-              + (f" isa_capped_from={isa_label(read_cpu_uncapped().flags)}" if hw.cpu.isa_capped_by else ""))
+              + (f" isa_capped_from={isa_label(sorted(uncapped_flags(args.cpuinfo)))}" if hw.cpu.isa_capped_by else ""))
     return 0 if same else 1
 
 
