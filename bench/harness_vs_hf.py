@@ -386,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     race = contenders(hw, best)
     print(f"CPU {hw.cpu.model}, ISA {isa} ({', '.join(hw.cpu.flags) or 'none'}"
           f"{', simulated from ' + args.cpuinfo if args.cpuinfo else ''}"
-          f"{'; capped by ' + hw.cpu.isa_capped_by if hw.cpu.isa_capped_by else ''}); precision auto → {best} ({why})")
+          f"{'; capped by ' + hw.cpu.isa_capped_by if hw.cpu.isa_capped_by else ''}); "
+          f"precision auto → {best} ({why})")
     print(f"load average at start: {load_now()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="lowres-bench-") as tmp:

@@ -61,7 +61,7 @@ def test_isa_caps_choose_the_contenders_as_the_kernels_will_run(bench, tmp_path,
     assert ("lowres-bf16" in bench.contenders(hw)) == (dtype == "bf16")
     assert ("avx512f" in hw.cpu.flags) == (isa != "avx2")
     assert (hw.cpu.isa_capped_by is not None) == (isa != "avx512_bf16")  # BF16 has no AMX to take away
-    assert "avx512_bf16" in bench.uncapped_flags(_cpuinfo(tmp_path, BF16))  # what the RESULT line's isa_capped_from reads
+    assert "avx512_bf16" in bench.uncapped_flags(_cpuinfo(tmp_path, BF16))  # the RESULT line's isa_capped_from
 
 
 def test_quick_bench_on_a_simulated_avx2_cpu_ends_with_the_result_line(tmp_path):
