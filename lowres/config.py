@@ -126,8 +126,8 @@ class TrainConfig(_Section):
                                 "its activations and logits in fresh each time (process-wide, glibc only); "
                                 "false = glibc's defaults; see lowres.train.allocator")
     profile_steps: int = Field(0, ge=0, description="optimizer steps traced by torch.profiler right after the "
-                               "warm-up steps: torch_trace.json.gz and op_profile.json (time by op family) in "
-                               "output_dir; 0 = none")
+                               "warm-up steps: torch_trace.json.gz and op_profile.json (time by op family; the GEMM "
+                               "floor, each traced GEMM call replayed alone after the run) in output_dir; 0 = none")
 
 
 class CheckpointConfig(_Section):

@@ -53,6 +53,9 @@ def test_profile_steps_writes_trace_and_family_table(tmp_path):
     assert prof["families"]["matmul"]["seconds_per_step"] > 0 and prof["families"]["optimizer"]["seconds_per_step"] > 0
     assert prof["families"]["attention"]["seconds_per_step"] > 0  # sdpa's kernel or bmm attention's range
     assert any(o["op"] == "aten::mm" for o in prof["top_ops"])
+    floor = prof["gemm_floor"]  # the traced GEMM calls replayed alone after the run, and the MFU they allow
+    assert floor["calls_per_step"] > 0 and floor["replayed_share"] == 1.0 and floor["alone_seconds"] > 0
+    assert 0 < floor["mfu_ceiling"] and all(r["alone_seconds"] > 0 for r in floor["by_call"])
     run_dir = tmp_path / "out"
     assert json.loads((run_dir / "op_profile.json").read_text())["families"] == prof["families"]
     trace = json.loads(gzip.decompress((run_dir / "torch_trace.json.gz").read_bytes()))
@@ -498,3 +501,38 @@ def test_inductor_cache_is_lowres_own_per_machine_unless_the_user_chose_one(tmp_
     assert speed.use_inductor_cache_dir().endswith(this_machine_fingerprint())
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert speed.use_inductor_cache_dir() == str(tmp_path / "mine")
+
+
+def test_gemm_floor_replays_each_traced_gemm_call_with_its_shapes_strides_and_scalars():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lowres.train.opprofile import gemm_floor, gemm_key, replay_seconds, summarise
+
+    a, w = torch.randn(64, 32), torch.randn(48, 32)
+    c, q, k = torch.zeros(64, 48), torch.randn(3, 16, 8), torch.randn(3, 8, 16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+        for _ in range(2):  # two "steps"
+            torch.mm(a, w.t())  # a transposed operand, as F.linear's weight
+            c.addmm_(a, w.t(), beta=0.5, alpha=2.0)
+            torch.bmm(q, k)
+            torch.baddbmm(torch.zeros(16, 16), q, k)  # a broadcast input
+    res = summarise(p.events(), wall_s=1.0, steps=2)
+    calls = res.pop("_gemm_calls")
+    by_op = {key[0]: (key, n) for key, (n, _) in calls.items()}
+    assert set(by_op) == {"aten::mm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+    assert all(n == 2 for _, n in by_op.values())
+    mm_key = by_op["aten::mm"][0]
+    assert mm_key[1] == ((64, 32), (32, 48)) and mm_key[2][1] == (1, 32) and mm_key[3][:2] == ("float32", "float32")
+    assert by_op["aten::addmm_"][0][4][3:] == (0.5, 2.0)  # beta and alpha as traced
+    for key, _ in by_op.values():
+        assert 0 < replay_seconds(key, max_s=0.05) < 1.0
+    floor = gemm_floor(calls, steps=2)
+    assert floor["calls_per_step"] == 4 and floor["replayed_share"] == 1.0
+    want = 2 * 64 * 32 * 48 * 2 + 2 * 3 * 16 * 8 * 16 * 2  # mm + addmm_, bmm + baddbmm
+    assert floor["gflop_per_step"] * 1e9 == pytest.approx(want)
+    assert floor["alone_seconds"] > 0 and len(floor["by_call"]) == 4
+    assert all(r["alone_seconds"] > 0 and r["calls_per_step"] == 1 for r in floor["by_call"])
+    # an event without shapes (record_shapes off) or of another op is not a replayable GEMM call
+    assert gemm_key(type("E", (), {"name": "aten::mm", "input_shapes": []})()) is None
+    assert gemm_key(type("E", (), {"name": "aten::mul", "input_shapes": [[2], [2]]})()) is None

@@ -67,8 +67,10 @@ def train(
     profile_steps: Annotated[int | None, typer.Option("--profile-steps", metavar="N", min=0, help="Trace N steps "
                                                       "after the warm-up with torch.profiler: time by op family "
                                                       "(matmul, attention, norm/element-wise, optimizer, other) "
-                                                      "printed and in --json; torch_trace.json.gz and "
-                                                      "op_profile.json in the output folder.")] = None,
+                                                      "printed and in --json, and after the run each traced "
+                                                      "GEMM call replayed alone: the GEMM floor and the MFU it "
+                                                      "allows; torch_trace.json.gz and op_profile.json in the "
+                                                      "output folder.")] = None,
 ) -> None:
     """Fine-tune a model with LoRA/QLoRA: profiled, tracked in MLflow, checkpointed, resumable.
 
