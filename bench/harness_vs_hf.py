@@ -20,6 +20,8 @@ and spread (min-max) over rounds. MFU of the best contender is over the largest 
 or measured roofline, one re-measurement per round, and the achieved rate itself — the recipe's re-measure
 rule (a roofline measured while the machine was busy is neither trusted nor cached), so it never reads above
 100 %. Memory: peak RSS of the training steps (VmHWM reset after setup), lowres fp32 over HF fp32.
+Where the best contender is not the fp32 one, the fp32 contender's MFU over its own fp32 peak (the same rule)
+is printed too, and follows ``dtype=…`` in the RESULT line as ``mfu_fp32=…``.
 Last line: ``RESULT ratio_equal_settings=… ratio_best_vs_hf_default=… mfu_135m=… mem_ratio=… isa=… dtype=…``.
 """
 
@@ -416,11 +418,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{n} compile: {rep['info'].get('compile')}" for n, rep in warm.items() if n != "hf-fp32"),
                     flush=True)
             rates: dict[str, list[float]] = {n: [] for n in names}
-            peaks: dict[str, list[float]] = {"roofline": [bi["roofline"]]}
+            peaks: dict[str, list[float]] = {"roofline": [bi["roofline"]], "fp32": [info["roofline"]]}
             for r in range(args.rounds):
                 order = names[r % len(names):] + names[: r % len(names)]  # rotate: no contender always first
                 replies = {n: workers[n].ask(cmd="run", steps=args.steps) for n in order}
                 peaks["roofline"].append(workers[best_name].ask(cmd="roofline")["roofline"])
+                if best_name != "lowres-fp32":  # the equal-settings contender's own peak, for its MFU
+                    peaks["fp32"].append(workers["lowres-fp32"].ask(cmd="roofline")["roofline"])
                 for n, rep in replies.items():
                     rates[n].append(tps(rep["times"], args.warmup))
                     workers[n].peak = rep["peak_rss"]
@@ -431,13 +435,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"first batch: HF {workers['hf-fp32'].first} · lowres {workers['lowres-fp32'].first} → "
                   f"{'the same tokens' if same else 'DIFFERENT tokens'}")
             achieved = [t * bi["flops_per_token"] for t in rates[best_name]]
-            closing = {n: w.close(max(achieved) if n == best_name else 0.0) for n, w in workers.items()}
+            achieved32 = [t * info["flops_per_token"] for t in rates["lowres-fp32"]]
+            closing = {n: w.close(max(achieved) if n == best_name else max(achieved32) if n == "lowres-fp32" else 0.0)
+                       for n, w in workers.items()}
         finally:
             for w in workers.values():
                 if w.proc.poll() is None:
                     w.proc.kill()
         peak = max(peaks["roofline"] + [closing[best_name].get("roofline", 0.0)] + achieved)
         mfus = [a / peak for a in achieved]
+        peak32 = peak if best_name == "lowres-fp32" else max(
+            peaks["fp32"] + [closing["lowres-fp32"].get("roofline", 0.0)] + achieved32)
+        mfus32 = [a / peak32 for a in achieved32]
         equal = [a / h for a, h in zip(rates["lowres-fp32"], rates["hf-fp32"])]
         best_ratio = [a / h for a, h in zip(rates[best_name], rates["hf-fp32"])]
         mem_ratio = workers["lowres-fp32"].peak / workers["hf-fp32"].peak
@@ -447,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{peak / 1e9:.0f} GFLOP/s peak: the largest of the setup roofline ({bi['roofline'] / 1e9:.0f}, "
               f"{bi['roofline_source']}), {args.rounds} re-measurements "
               f"({', '.join(f'{x / 1e9:.0f}' for x in peaks['roofline'][1:])}) and the achieved rates")
+        if best_name != "lowres-fp32":
+            print(f"MFU (lowres fp32, the equal-settings contender): {spread(mfus32)} over its own "
+                  f"{peak32 / 1e9:.0f} GFLOP/s fp32 peak (the same rule)")
         for n, w in workers.items():
             print(f"peak RSS {n}: {w.peak / 2**20:,.0f} MiB while training (setup peak "
                   f"{w.ready['setup_peak_rss'] / 2**20:,.0f} MiB{'' if w.ready['peak_reset'] else '; not reset'})")
@@ -455,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RESULT ratio_equal_settings={statistics.median(equal):.3f} "
               f"ratio_best_vs_hf_default={statistics.median(best_ratio):.3f} {name}={statistics.median(mfus):.4f} "
               f"mem_ratio={mem_ratio:.3f} isa={isa} dtype={best}"
+              + (f" mfu_fp32={statistics.median(mfus32):.4f}" if best_name != "lowres-fp32" else "")
               + (f" isa_capped_from={isa_label(sorted(uncapped_flags(args.cpuinfo)))}" if hw.cpu.isa_capped_by else ""))
     return 0 if same else 1
 

@@ -78,3 +78,19 @@ def test_quick_bench_on_a_simulated_avx2_cpu_ends_with_the_result_line(tmp_path)
     equal, best, mfu, mem = map(float, m.groups())
     assert equal == best  # on AVX2 the best lowres contender is the fp32 one
     assert 0 < mfu <= 1.0 and mem > 0
+
+
+def test_quick_bench_on_this_cpu_gives_the_fp32_contenders_mfu_where_auto_picks_another_dtype(tmp_path):
+    env = dict(os.environ, LOWRES_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--rounds", "1", "--steps", "2", "--warmup", "0",
+                          "--seq-len", "32"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"RESULT ratio_equal_settings=\S+ ratio_best_vs_hf_default=\S+ mfu_tiny=(\S+) mem_ratio=\S+ "
+                     r"isa=\S+ dtype=(\S+)( mfu_fp32=(\S+))?( isa_capped_from=\S+)?", last)
+    assert m, last
+    if m.group(2) == "fp32":  # auto's pick is the equal-settings contender: its MFU is mfu_tiny
+        assert m.group(3) is None
+    else:  # bf16 (a CPU with fast native bf16): the fp32 contender's MFU over its own fp32 peak, too
+        assert 0 < float(m.group(4)) <= 1.0 and 0 < float(m.group(1)) <= 1.0
+        assert "MFU (lowres fp32, the equal-settings contender)" in out.stdout
