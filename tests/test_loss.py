@@ -47,6 +47,38 @@ def test_chunked_equals_plain(chunk, train_weight, bias):
             torch.testing.assert_close(g.double(), r.double(), rtol=1e-5, atol=1e-5)  # fp32 logits
 
 
+@pytest.mark.parametrize("vocab_block", [1, 16, 33, 0, 10_000])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_vocab_blocks_of_a_frozen_head_equal_plain(vocab_block, bias, dtype):
+    """A frozen head (and bias) walks the vocabulary in blocks with an online softmax: the same loss and input
+    gradient as the whole head, for blocks that divide the vocabulary or not, one column or all of it."""
+    h, w, b, y = _inputs(dtype=dtype, bias=bias)
+    ref, ref_grads = _loss_and_grads(plain_lm_loss, h, w, b, y)
+    got, got_grads = _loss_and_grads(chunked_lm_loss, h, w, b, y, chunk_tokens=16, vocab_block=vocab_block)
+    tol = 1e-5  # plain_lm_loss computes its logits in fp32, whatever the input dtype
+    torch.testing.assert_close(got.double(), ref.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got_grads[0].double(), ref_grads[0].double(), rtol=tol, atol=tol)
+    assert got_grads[1] is None and got_grads[2] is None
+
+
+def test_vocab_blocks_bf16_as_close_to_fp32_as_the_whole_vocabulary():
+    """In bf16 the blocked head rounds its logits as the whole-vocabulary path does (the target logit read from
+    them) and keeps its sums in fp32: the same loss, and an input gradient as close to an fp32 reference."""
+    h, w, b, y = _inputs(tokens=64, hidden=32, vocab=500, dtype=torch.bfloat16)
+    h32 = h.detach().float().requires_grad_()
+    ref, (rh, _, _) = _loss_and_grads(plain_lm_loss, h32, w.float(), None, y)
+    got = {block: _loss_and_grads(chunked_lm_loss, h, w, b, y, chunk_tokens=16, vocab_block=block)
+           for block in (0, 64, 7)}
+    for block, (loss, (gh, _, _)) in got.items():
+        assert gh.dtype == torch.bfloat16
+        torch.testing.assert_close(loss.float(), ref, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(loss, got[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gh.float(), got[0][1][0].float(), rtol=2e-2, atol=1e-2)
+    err = {block: float((gh.float() - rh).abs().mean()) for block, (_, (gh, _, _)) in got.items()}
+    assert err[64] <= err[0] * 1.5 and err[7] <= err[0] * 1.5
+
+
 def test_chunked_bf16_close_to_plain():
     h, w, b, y = _inputs(tokens=64, hidden=32, vocab=500, dtype=torch.bfloat16)
     ref, (rh, _, _) = _loss_and_grads(plain_lm_loss, h, w, b, y)
