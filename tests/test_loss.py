@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lowres.train.loss import IGNORE_INDEX, chunked_lm_loss, plain_lm_loss, shift_labels
 
@@ -156,3 +157,24 @@ def test_exp_rows_in_cache_sized_blocks_equals_the_whole_at_once(dtype):
     ref = torch.logsumexp(logits.float(), -1, keepdim=True)
     assert torch.allclose(m1 + s1.log(), ref, rtol=0, atol=1e-5)
     assert torch.allclose(e1.float(), torch.exp(logits.float() - m1).to(dtype).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 10_000])
+def test_vocab_blocked_eval_gives_the_loss_and_first_top1_of_the_whole_head(block):
+    """Evaluation's blocked head (no gradient, top-1 index kept across blocks): the loss per row and the argmax
+    of the whole logits, ties going to the first index as ``argmax`` does — here rows 0 and 40 of the head
+    are equal, so every token whose best is row 0 ties with a later block."""
+    from lowres.train.loss import vocab_blocked_loss
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(50, 16, generator=g)
+    w = torch.randn(60, 16, generator=g)
+    w[40] = w[0]
+    w[0] *= 3.0  # row 0 wins for many tokens ...
+    w[40] = w[0]  # ... and row 40 ties with it
+    y = torch.randint(0, 60, (50,), generator=g)
+    logits = h @ w.t()
+    loss, grad, top = vocab_blocked_loss(h, y, w, None, block, grad=False, argmax=True)
+    assert grad is None
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y, reduction="none"), rtol=1e-5, atol=1e-5)
+    assert torch.equal(top, logits.argmax(-1)) and bool((top == 0).any())

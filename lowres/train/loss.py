@@ -55,8 +55,10 @@ def exp_rows(logits: torch.Tensor, rows: int | None = None) -> tuple[torch.Tenso
 
 
 def vocab_blocked_loss(hc: torch.Tensor, yc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       block: int, onednn: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy per row, its gradient with respect to ``hc``) of ``hc @ weight.T (+ bias)`` against
+                       block: int, onednn: bool = False, grad: bool = True,
+                       argmax: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(cross-entropy per row, its gradient with respect to ``hc`` if ``grad``, each row's top-1 vocabulary
+    index if ``argmax`` — the first of equal maxima, as ``argmax`` gives) of ``hc @ weight.T (+ bias)`` against
     ``yc`` (clamped: no ignore index here), walking the vocabulary in blocks of ``block`` columns with an
     online softmax — the flash-attention recurrence with the head weight as both keys and values. Per block:
     ``l = hc W_bᵀ``, the running max ``m`` and sum ``s`` of ``exp(l − m)`` rescaled as ``m`` grows, and the
@@ -69,7 +71,8 @@ def vocab_blocked_loss(hc: torch.Tensor, yc: torch.Tensor, weight: torch.Tensor,
     target = torch.zeros((n, 1), dtype=acc, device=hc.device)
     m = torch.full((n, 1), float("-inf"), dtype=acc, device=hc.device)
     s = torch.zeros((n, 1), dtype=acc, device=hc.device)
-    g = torch.zeros((n, hc.shape[1]), dtype=acc, device=hc.device)
+    g = torch.zeros((n, hc.shape[1]), dtype=acc, device=hc.device) if grad else None
+    top = torch.zeros((n, 1), dtype=torch.long, device=hc.device) if argmax else None
     scratch = None if hc.dtype == acc else torch.empty((n, min(block, v)), dtype=acc, device=hc.device)
     for a in range(0, v, block):
         wb = weight[a:a + block]
@@ -80,17 +83,25 @@ def vocab_blocked_loss(hc: torch.Tensor, yc: torch.Tensor, weight: torch.Tensor,
         picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None])
         target += torch.where(inside[:, None], picked, 0).to(acc)
         work = logits if scratch is None else scratch[:, :logits.shape[1]].copy_(logits)
-        m_new = torch.maximum(m, work.amax(-1, keepdim=True))
+        if argmax:
+            best, where = work.max(-1, keepdim=True)
+            top = torch.where(best > m, where + a, top)  # strictly greater: an earlier block keeps a tie
+            m_new = torch.maximum(m, best)
+        else:
+            m_new = torch.maximum(m, work.amax(-1, keepdim=True))
         rescale = (m - m_new).exp_()  # exp(−inf) = 0 at the first block
         work.sub_(m_new).exp_()
         s.mul_(rescale).add_(work.sum(-1, keepdim=True))
-        e = work if scratch is None else logits.copy_(work)  # exp ≤ 1: safe in bf16
-        ew = onednn_linear(e, wb.t()) if onednn else e @ wb
-        g.mul_(rescale).add_(ew)
+        if grad:
+            e = work if scratch is None else logits.copy_(work)  # exp ≤ 1: safe in bf16
+            ew = onednn_linear(e, wb.t()) if onednn else e @ wb
+            g.mul_(rescale).add_(ew)
+            del e, ew
         m = m_new
-        del logits, e, ew
+        del logits
     loss = (m + s.log() - target).squeeze(1)
-    return loss, g.div_(s).sub_(weight[yc].to(acc))
+    return (loss, g.div_(s).sub_(weight[yc].to(acc)) if grad else None,
+            top.squeeze(1) if argmax else None)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -135,7 +146,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue  # no targets here: zero loss, zero gradient
             if grad_w is None and grad_b is None and vocab_block > 0 and hc.device.type == "cpu":
                 # a frozen head (LoRA's case): the vocabulary in cache-sized blocks, online softmax
-                rows, gh = vocab_blocked_loss(hc, yc.clamp_min(0), weight, bias, vocab_block, onednn)
+                rows, gh, _ = vocab_blocked_loss(hc, yc.clamp_min(0), weight, bias, vocab_block, onednn)
                 total += (rows * keep).sum().to(total.dtype)
                 if grad_h is not None:
                     if not bool(keep.all()):
@@ -242,12 +253,14 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int, gemm: str = "torch") -
 
 
 @torch.no_grad()
-def causal_lm_loss_and_correct(model, batch: dict, chunk_tokens: int) -> tuple[float, int, int]:
+def causal_lm_loss_and_correct(model, batch: dict, chunk_tokens: int,
+                               vocab_block: int = VOCAB_BLOCK) -> tuple[float, int, int]:
     """(summed next-token loss, label tokens, label tokens whose top-1 prediction is right) of one batch.
 
     Token accuracy is top-1 next-token accuracy on the targets that count (labels ≠ -100: no padding, no
     masked prompt). For evaluation only (no gradients); like ``causal_lm_loss`` the head runs chunk by chunk,
-    so the whole batch's logits never exist at once."""
+    so the whole batch's logits never exist at once — on the CPU each chunk also walks the vocabulary in blocks
+    (``vocab_blocked_loss``), so an eval chunk's logits do not set the run's peak either."""
     labels = shift_labels(batch["labels"])
     y = labels.reshape(-1)
     keep = y != IGNORE_INDEX
@@ -266,7 +279,14 @@ def causal_lm_loss_and_correct(model, batch: dict, chunk_tokens: int) -> tuple[f
         yc, kc = y[start:start + step], keep[start:start + step]
         if not bool(kc.any()):
             continue
-        logits = F.linear(h2[start:start + step].to(head.weight.dtype), head.weight, head.bias).float()
+        hc = h2[start:start + step].to(head.weight.dtype)
+        if vocab_block > 0 and hc.device.type == "cpu":
+            rows, _, top = vocab_blocked_loss(hc, yc.clamp_min(0), head.weight, head.bias, vocab_block,
+                                              grad=False, argmax=True)
+            total += float((rows * kc).sum())
+            correct += int(((top == yc) & kc).sum())
+            continue
+        logits = F.linear(hc, head.weight, head.bias).float()
         total += float(F.cross_entropy(logits, yc, ignore_index=IGNORE_INDEX, reduction="sum"))
         correct += int(((logits.argmax(-1) == yc) & kc).sum())
     return total, n_tokens, correct
