@@ -22,8 +22,10 @@ scalars. After the run, each distinct call is replayed alone, warm, on this mach
 ran as fast as it does alone. Against the roofline it bounds MFU (``mfu_ceiling``, added by the recipe):
 no change outside the GEMMs can take a step's MFU above it with these GEMM calls. The floor covers the GEMM
 kernels the trace shows (mm, addmm, bmm, baddbmm and their in-place forms, oneDNN's linear); a fused kernel
-such as torch's flash attention does its GEMMs inside and is not in it. CPU only: on CUDA, ops are asynchronous and self CPU time is launch
-time, so the table is not made there.
+such as torch's flash attention does its GEMMs inside and is not in it. The replays take at most
+``FLOOR_BUDGET_S`` seconds.
+
+CPU only: on CUDA, ops are asynchronous and self CPU time is launch time, so the table is not made there.
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ OPTIMIZER_MARK = "lowres.optimizer"  # the record_function label of the recipe's
 MARKS = {OPTIMIZER_MARK: "optimizer", "BmmAttention": "attention", "BmmAttentionBackward": "attention",
          "BlockedCausalAttention": "attention", "BlockedCausalAttentionBackward": "attention"}
 TRACE_NAME = "torch_trace.json.gz"
+TABLE_NAME = "op_profile.json"
 # GEMM kernels the floor replays (leaf ops: aten::matmul, aten::linear and einsum call these, and are not counted)
 REPLAYED = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
             "mkldnn::_linear_pointwise"}
 FLOOR_BUDGET_S = 20.0  # replay time at most; calls past it (the cheapest in the step) keep their in-step time
 _DTYPE_NAMES = {"float": "float32", "c10::BFloat16": "bfloat16", "c10::Half": "float16", "double": "float64"}
-TABLE_NAME = "op_profile.json"
 
 _MATMUL = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear", "addmv", "mv", "dot", "addbmm", "einsum",
            "_addmm_activation", "mkldnn_linear", "_mkldnn_linear", "mkldnn_matmul", "_weight_int4pack_mm",
@@ -250,6 +252,7 @@ class StepProfiler:
         self.wall = 0.0
         self.result: dict | None = None
         self.trace: Path | None = None
+        self._calls: dict | None = None  # the traced GEMM calls, until add_floor replays them
 
     @property
     def active(self) -> bool:
@@ -298,7 +301,7 @@ class StepProfiler:
     def add_floor(self, budget_s: float = FLOOR_BUDGET_S) -> dict | None:
         """Replay the traced GEMM calls (``gemm_floor``) — after the run, so no step's time includes it — and
         add the result to the summary as ``gemm_floor``; once."""
-        if self.result is None or "gemm_floor" in self.result or not getattr(self, "_calls", None):
+        if self.result is None or "gemm_floor" in self.result or not self._calls:
             return None if self.result is None else self.result.get("gemm_floor")
         self.result["gemm_floor"] = gemm_floor(self._calls, self.result["steps"], budget_s)
         self._calls = None
