@@ -299,13 +299,21 @@ def logits_bytes(spec: Any, e: int, batch_size: int, seq_len: int, loss_chunk_to
     chunk's e-byte logits are alive at a time, turned into exponentials in place (``exp_rows``); when e < 4
     through an fp32 scratch of ``SOFTMAX_ROWS`` rows on the CPU (of the whole chunk elsewhere):
     min(chunk, T)·V·e + rows·V·4 B; and the hidden-state gradient of all tokens is kept for backward: T·h·e B.
+    On the CPU the recipe's head is frozen (LoRA) and each chunk walks the vocabulary in blocks of
+    ``VOCAB_BLOCK`` columns (``vocab_blocked_loss``): one block's e-byte logits (and, when e < 4, their fp32
+    scratch) instead of the chunk's, plus its fp32 running sums at [chunk × h] (the gradient accumulator, the
+    target rows of the head and one block's GEMM output): chunk·B·(e + 4·[e < 4]) + 3·chunk·h·4 + T·h·e B.
     """
     tokens = batch_size * seq_len
     if loss_chunk_tokens <= 0:
         return float(tokens) * spec.vocab_size * 12
-    from lowres.train.loss import SOFTMAX_ROWS
+    from lowres.train.loss import SOFTMAX_ROWS, VOCAB_BLOCK
 
     chunk = min(tokens, loss_chunk_tokens)
+    if device == "cpu" and VOCAB_BLOCK > 0:
+        cols = min(VOCAB_BLOCK, spec.vocab_size)
+        return (float(chunk) * cols * (e + (4 if e < 4 else 0)) + 3.0 * chunk * spec.hidden_size * 4
+                + float(tokens) * spec.hidden_size * e)
     scratch_rows = 0 if e >= 4 else (min(chunk, SOFTMAX_ROWS) if device == "cpu" else chunk)
     return (float(chunk) * spec.vocab_size * e + float(scratch_rows) * spec.vocab_size * 4
             + float(tokens) * spec.hidden_size * e)
