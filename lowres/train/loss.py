@@ -28,7 +28,7 @@ SOFTMAX_ROWS = 32
 # vocabulary columns per block of the CPU head when only the input's gradient is wanted (a frozen head):
 # [tokens × 2048] logits stay in cache between their GEMM, the softmax passes and the GEMM back. Measured on
 # the Intel Xeon with AMX (session 14), 512 tokens × 49,152 × 576, forward + input gradient: bf16 67 → 54 ms
-# (1,024: 58; 3,072: 73; 4,096: 75), fp32 215 → 217 ms (the same within noise).
+# (1,024: 58; 3,072: 73; 4,096: 75), fp32 213 → 217 ms (+2 %; the chunk's fp32 logits gone).
 VOCAB_BLOCK = 2048
 
 
