@@ -19,8 +19,9 @@ shapes); read the shares, and compare seconds only between traces.
 **The GEMM floor.** Every GEMM call of the traced steps is recorded with its op, shapes, strides, dtypes and
 scalars. After the run, each distinct call is replayed alone, warm, on this machine (the same threads), and
 ``gemm_floor`` sums count × its fastest replay: the step's time if every other op took none and every GEMM
-ran as fast as it does alone. Against the roofline it bounds MFU (``mfu_ceiling``, added by the recipe):
-no change outside the GEMMs can take a step's MFU above it with these GEMM calls. The floor covers the GEMM
+ran as fast as it does alone. Against the roofline it bounds MFU (``mfu_ceiling``, from the step's FLOPs and
+the roofline the recipe passes): no change outside the GEMMs can take a step's MFU above it with these GEMM
+calls. The floor covers the GEMM
 kernels the trace shows (mm, addmm, bmm, baddbmm and their in-place forms, oneDNN's linear); a fused kernel
 such as torch's flash attention does its GEMMs inside and is not in it. The replays take at most
 ``FLOOR_BUDGET_S`` seconds.
@@ -298,15 +299,20 @@ class StepProfiler:
     def write(self) -> None:
         (self.out / TABLE_NAME).write_text(json.dumps(self.result, indent=2) + "\n")
 
-    def add_floor(self, budget_s: float = FLOOR_BUDGET_S) -> dict | None:
+    def add_floor(self, step_flops: float = 0.0, peak_flops_s: float = 0.0,
+                  budget_s: float = FLOOR_BUDGET_S) -> dict | None:
         """Replay the traced GEMM calls (``gemm_floor``) — after the run, so no step's time includes it — and
-        add the result to the summary as ``gemm_floor``; once."""
+        add the result to the summary as ``gemm_floor``, once; with a step's model FLOPs and the roofline, also
+        ``mfu_ceiling``: the MFU of a step that took only its GEMMs' time alone."""
         if self.result is None or "gemm_floor" in self.result or not self._calls:
             return None if self.result is None else self.result.get("gemm_floor")
-        self.result["gemm_floor"] = gemm_floor(self._calls, self.result["steps"], budget_s)
+        floor = gemm_floor(self._calls, self.result["steps"], budget_s)
+        if step_flops > 0 and peak_flops_s > 0 and floor["alone_seconds"] > 0:
+            floor["mfu_ceiling"] = step_flops / (floor["alone_seconds"] * peak_flops_s)
+        self.result["gemm_floor"] = floor
         self._calls = None
         self.write()
-        return self.result["gemm_floor"]
+        return floor
 
 
 def table(result: dict):

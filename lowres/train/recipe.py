@@ -600,13 +600,9 @@ class Recipe:
         sp = getattr(self, "op_profiler", None)
         if sp is None or sp.finish() is None:
             return None
-        floor = sp.add_floor()
-        if floor and floor.get("alone_seconds") and "mfu_ceiling" not in floor and self.roofline.flops_per_s:
-            rows = self.history[sp.skip: sp.skip + sp.result["steps"]] or self.history
-            tokens = sorted(r["tokens"] for r in rows)[len(rows) // 2] if rows else 0
-            # the MFU a step would have if it took only its GEMMs' time alone (opprofile.gemm_floor)
-            floor["mfu_ceiling"] = self.flops_per_token * tokens / (floor["alone_seconds"] * self.roofline.flops_per_s)
-            sp.write()
+        rows = self.history[sp.skip: sp.skip + sp.result["steps"]] or self.history
+        tokens = sorted(r["tokens"] for r in rows)[len(rows) // 2] if rows else 0
+        sp.add_floor(self.flops_per_token * tokens, self.roofline.flops_per_s or 0.0)  # replayed once, after the run
         if self.tracker is not None and not getattr(sp, "logged", False):
             sp.logged = True
             self.tracker.log_artifact(self.out / "op_profile.json")
